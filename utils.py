@@ -1,0 +1,235 @@
+"""Shared utilities: rating predictions, metrics (SPEC §5), reproducibility, devices, files.
+
+Array arguments accept numpy arrays, torch tensors or sequences; metrics are computed in float64
+numpy and returned as plain Python numbers so that results are JSON-serialisable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import secrets
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+#: Scenario names; the index is the scenario code (0..3) stored with every rating.
+SCENARIOS = (
+    "existing_user_existing_item",
+    "existing_user_new_item",
+    "new_user_existing_item",
+    "new_user_new_item",
+)
+
+#: Subsets of an evaluation table, in report order.
+SUBSETS = SCENARIOS + ("all",)
+
+
+def _to_numpy(x) -> np.ndarray:
+    """A numpy view/copy of `x` (torch tensors are detached and moved to CPU), dtype kept."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _to_float64(x, name: str, ndim: int) -> np.ndarray:
+    """`x` as a float64 array of exactly `ndim` dimensions; ValueError if not, or not finite."""
+    array = _to_numpy(x).astype(np.float64)
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return array
+
+
+# ---------------------------------------------------------------------------------------------
+# Rating predictions from class probabilities
+# ---------------------------------------------------------------------------------------------
+
+
+def expected_rating(probs, rating_min: int = 1) -> np.ndarray:
+    """Probability-weighted rating per row.
+
+    probs: [N, C] class probabilities (class c is rating `rating_min + c`).
+    Returns [N] float64: sum_c probs[n, c] * (rating_min + c).
+    """
+    probs = _to_float64(probs, "probs", ndim=2)
+    return probs @ (rating_min + np.arange(probs.shape[1], dtype=np.float64))
+
+
+def point_prediction(probs, rating_min: int = 1, mode: str = "argmax") -> np.ndarray:
+    """One predicted rating per row of probs [N, C]; returns [N] float64.
+
+    mode "argmax": the most probable class + rating_min (ties: the lowest class, as numpy/torch
+    argmax), the released code's prediction. mode "expected": `expected_rating`.
+    """
+    if mode == "expected":
+        return expected_rating(probs, rating_min)
+    if mode != "argmax":
+        raise ValueError(f"mode must be 'argmax' or 'expected', got {mode!r}")
+    probs = _to_float64(probs, "probs", ndim=2)
+    return (np.argmax(probs, axis=1) + rating_min).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking metrics (one user's items)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+def _cut_discounts(n: int, k: int) -> np.ndarray:
+    """[n] discounts 1 / log2(position + 1) for 1-based positions <= min(k, n), 0 beyond."""
+    cut = min(k, n)
+    discounts = np.zeros(n, dtype=np.float64)
+    discounts[:cut] = 1.0 / np.log2(np.arange(2, cut + 2, dtype=np.float64))
+    return discounts
+
+
+def dcg(scores, ratings, k: int = 3) -> float:
+    """Tie-aware DCG@k of one user's items (McSherry & Najork, 2008).
+
+    scores: [n] ranking scores (higher ranks first); ratings: [n] true ratings.
+    Gain 2^rating - 1, discount 1 / log2(position + 1), 1-based positions, cut at min(k, n).
+    Items with equal scores form a tied group that shares the average of the discounts of the
+    positions it occupies (positions beyond the cut count as discount 0), so the result does not
+    depend on input order. Empty input gives 0.0.
+    """
+    _check_k(k)
+    scores = _to_float64(scores, "scores", ndim=1)
+    ratings = _to_float64(ratings, "ratings", ndim=1)
+    if scores.shape != ratings.shape:
+        raise ValueError(f"scores {scores.shape} and ratings {ratings.shape} differ in shape")
+    if scores.size == 0:
+        return 0.0
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    group = np.concatenate(([0], np.cumsum(ranked[1:] != ranked[:-1])))  # tie group per position
+    discounts = _cut_discounts(scores.size, k)
+    group_discount = np.bincount(group, weights=discounts) / np.bincount(group)
+    gains = np.exp2(ratings[order]) - 1.0
+    return float(np.sum(gains * group_discount[group]))
+
+
+def ndcg_at_k(scores, ratings, k: int = 3) -> float | None:
+    """Tie-aware NDCG@k of one user's items: `dcg` divided by the ideal DCG of the same items.
+
+    scores, ratings: [n]. The ideal DCG ranks the items by true rating, cut at min(k, n).
+    Returns None when undefined: no items, or ideal DCG 0 (every gain 0, i.e. all ratings 0);
+    callers skip such users. One item gives 1.0.
+    """
+    _check_k(k)
+    ratings = _to_float64(ratings, "ratings", ndim=1)
+    if ratings.size == 0:
+        return None
+    ideal_gains = np.sort(np.exp2(ratings) - 1.0)[::-1]
+    ideal = float(np.sum(ideal_gains * _cut_discounts(ratings.size, k)))
+    if ideal == 0.0:
+        return None
+    return dcg(scores, ratings, k) / ideal
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation table (SPEC §5) and its text report
+# ---------------------------------------------------------------------------------------------
+
+
+def _subset_metrics(users, truth, predicted, scores, k: int) -> dict:
+    """MAE, RMSE and mean per-user NDCG@k of one subset of ratings, with the counts behind them."""
+    key = f"ndcg@{k}"
+    if truth.size == 0:
+        return {"mae": None, "rmse": None, key: None,
+                "n_ratings": 0, "n_users": 0, "n_ndcg_users": 0}
+    errors = predicted - truth
+    unique_users, inverse = np.unique(users, return_inverse=True)
+    by_user = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+    user_ndcgs = [ndcg_at_k(scores[items], truth[items], k) for items in by_user if items.size >= 2]
+    user_ndcgs = [value for value in user_ndcgs if value is not None]
+    return {
+        "mae": float(np.mean(np.abs(errors))),
+        "rmse": float(np.sqrt(np.mean(errors**2))),
+        key: float(np.mean(user_ndcgs)) if user_ndcgs else None,
+        "n_ratings": int(truth.size),
+        "n_users": int(unique_users.size),
+        "n_ndcg_users": len(user_ndcgs),
+    }
+
+
+def evaluation_table(user_ids, scenarios, true_ratings, predicted_ratings, ranking_scores,
+                     k: int = 3) -> dict:
+    """Per-scenario and overall metrics of the test users' query ratings (SPEC §5).
+
+    All arguments are [N], one entry per query rating: user id, scenario code 0..3, true rating,
+    predicted rating (for MAE/RMSE) and ranking score (for NDCG, e.g. the expected rating).
+
+    Returns {subset: row} for subset in SCENARIOS + ("all",), row = {"mae", "rmse", f"ndcg@{k}",
+    "n_ratings", "n_users", "n_ndcg_users"}. MAE and RMSE cover every rating of the subset.
+    NDCG@k is computed per user on that user's items of the subset, only for users with at least
+    2 of them (cut at min(k, n), ties as in `dcg`), then averaged over those users;
+    n_ndcg_users counts them. n_users counts users with at least one rating in the subset.
+    An empty subset has None metrics and zero counts. Values are plain floats, ints or None.
+    """
+    _check_k(k)
+    users = _to_numpy(user_ids)
+    codes = _to_numpy(scenarios)
+    truth = _to_float64(true_ratings, "true_ratings", ndim=1)
+    predicted = _to_float64(predicted_ratings, "predicted_ratings", ndim=1)
+    scores = _to_float64(ranking_scores, "ranking_scores", ndim=1)
+    n = truth.size
+    for name, array in (("user_ids", users), ("scenarios", codes), ("predicted_ratings", predicted),
+                        ("ranking_scores", scores)):
+        if array.shape != (n,):
+            raise ValueError(f"{name} has shape {array.shape}, expected ({n},) like true_ratings")
+    if not np.isin(codes, np.arange(len(SCENARIOS))).all():
+        found = sorted(set(codes.tolist()))
+        raise ValueError(f"scenario codes must be in 0..{len(SCENARIOS) - 1}, got {found}")
+    table = {}
+    for code, name in enumerate(SCENARIOS):
+        mask = codes == code
+        table[name] = _subset_metrics(users[mask], truth[mask], predicted[mask], scores[mask], k)
+    table["all"] = _subset_metrics(users, truth, predicted, scores, k)
+    return table
+
+
+def _format_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_results(results: dict) -> str:
+    """Fixed-width text report of {method name: evaluation_table(...)}.
+
+    One block per subset (scenarios, then "all"), one row per method; columns MAE, RMSE, NDCG@k,
+    n_ratings, n_users, n_ndcg_users. None is shown as "-".
+    """
+    if not results:
+        return "(no results)"
+    ndcg_key = next(key for key in next(iter(results.values()))["all"] if key.startswith("ndcg@"))
+    columns = ("mae", "rmse", ndcg_key, "n_ratings", "n_users", "n_ndcg_users")
+    headers = ("MAE", "RMSE", ndcg_key.upper(), "n_ratings", "n_users", "n_ndcg_users")
+    method_width = max(len("method"), *(len(method) for method in results))
+    widths = [max(len(header), 8) for header in headers]
+    header_cells = [header.rjust(width) for header, width in zip(headers, widths)]
+    header_line = "  ".join(["method".ljust(method_width)] + header_cells)
+    blocks = []
+    for subset in SUBSETS:
+        lines = [f"[{subset}]", header_line]
+        for method, table in results.items():
+            row = table.get(subset, {})
+            cells = [_format_cell(row.get(column)).rjust(w) for column, w in zip(columns, widths)]
+            lines.append("  ".join([method.ljust(method_width)] + cells))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
