@@ -7,7 +7,6 @@ numpy and returned as plain Python numbers so that results are JSON-serialisable
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -233,3 +232,88 @@ def format_results(results: dict) -> str:
             lines.append("  ".join([method.ljust(method_width)] + cells))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducibility and devices
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python `random`, numpy's global generator and torch (CPU and every CUDA device).
+
+    Returns a fresh CPU `torch.Generator` seeded with `seed`, for callers that prefer explicit
+    generators to global state.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+_CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch.device for a config string: "auto", "cpu", "cuda" or "cuda:N".
+
+    "auto" is CUDA when available, else CPU. "cuda"/"cuda:N" raise ValueError when CUDA is not
+    available or N is not a visible device; anything else raises ValueError.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    match = _CUDA_DEVICE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"config device={name!r} but torch.cuda.is_available() is False; use 'cpu' or 'auto'"
+        )
+    if match.group(1) is not None:
+        index, count = int(match.group(1)), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(
+                f"config device={name!r} but only {count} CUDA device(s) are visible "
+                f"(cuda:0..cuda:{count - 1})"
+            )
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path, text: str, encoding: str = "utf-8") -> None:
+    """Write `text` to `path` atomically: a temporary file in the same directory, then os.replace.
+
+    Readers see the old file or the complete new one, never a partial write; the temporary file
+    is removed if anything fails. The directory must exist. The new file's mode follows the umask.
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp_path = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding=encoding) as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def atomic_write_json(path, obj, indent: int = 2) -> None:
+    """Serialise `obj` to JSON (newline-terminated), then `atomic_write_text` it to `path`.
+
+    Serialisation happens before anything touches the disk, so an object that json cannot
+    encode raises TypeError/ValueError and leaves `path` (and its directory) unchanged.
+    """
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")

@@ -1,0 +1,127 @@
+"""Tests of the non-metric utilities: seeding, device resolution, atomic file writes."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from utils import atomic_write_json, atomic_write_text, resolve_device, seed_everything
+
+# --- seed_everything -----------------------------------------------------------------------------
+
+
+def _draw(generator):
+    explicit = torch.rand(1, generator=generator).item()
+    return random.random(), np.random.rand(), torch.rand(1).item(), explicit
+
+
+def test_seed_everything_is_reproducible():
+    first = _draw(seed_everything(123))
+    second = _draw(seed_everything(123))
+    assert first == second
+    assert _draw(seed_everything(124)) != first
+
+
+def test_seed_everything_returns_generator_seeded_with_seed():
+    generator = seed_everything(7)
+    assert isinstance(generator, torch.Generator)
+    assert generator.initial_seed() == 7
+    assert torch.rand(3, generator=generator).tolist() == torch.rand(
+        3, generator=torch.Generator().manual_seed(7)
+    ).tolist()
+
+
+# --- resolve_device ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_resolve_device_without_cuda(no_cuda):
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError) as error:
+            resolve_device(name)
+        assert str(error.value) == (
+            f"config device={name!r} but torch.cuda.is_available() is False; use 'cpu' or 'auto'"
+        )
+
+
+def test_resolve_device_with_cuda(two_gpus):
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"only 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("name", ["gpu", "CUDA", "cuda:", "cuda:x", "mps", "", None])
+def test_resolve_device_rejects_unknown_names(name):
+    with pytest.raises(ValueError, match="'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        resolve_device(name)
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+
+
+def test_atomic_write_text_creates_and_replaces(tmp_path):
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "first")
+    atomic_write_text(str(target), "second\n")
+    assert target.read_text() == "second\n"
+    assert os.listdir(tmp_path) == ["out.txt"]  # no temporary file left behind
+
+
+def test_atomic_write_json_round_trip(tmp_path):
+    target = tmp_path / "results.json"
+    obj = {"all": {"mae": 0.75, "ndcg@3": None, "n_users": 3}}
+    atomic_write_json(target, obj)
+    assert json.loads(target.read_text()) == obj
+    assert target.read_text().endswith("\n")
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_atomic_write_json_unserialisable_leaves_nothing(tmp_path):
+    target = tmp_path / "results.json"
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"bad": object()})
+    assert os.listdir(tmp_path) == []  # no partial file, no temporary file
+    atomic_write_json(target, {"good": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"good": 2, "bad": {1, 2}})
+    assert json.loads(target.read_text()) == {"good": 1}  # old content intact
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_atomic_write_failure_during_replace_removes_temp(tmp_path, monkeypatch):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def failing_replace(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(utils.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_atomic_write_missing_directory_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        atomic_write_text(tmp_path / "missing" / "out.txt", "x")
+    assert os.listdir(tmp_path) == []
