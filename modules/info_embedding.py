@@ -1,0 +1,56 @@
+"""User and item embedding networks (theta_u, theta_i): stacks of Linear layers, each followed
+by the activation."""
+from torch import nn
+import torch.nn.functional as F
+
+LEAKY_SLOPE = 0.1
+
+
+def activate(x, activation):
+    """The hidden activation: leaky_relu (slope 0.1) or relu."""
+    if activation == "leaky_relu":
+        return F.leaky_relu(x, LEAKY_SLOPE)
+    if activation == "relu":
+        return F.relu(x)
+    raise ValueError(f"activation must be 'leaky_relu' or 'relu', got {activation!r}")
+
+
+def activation_slope(x, activation):
+    """d activate(x) / dx, elementwise (x is the pre-activation)."""
+    negative_slope = LEAKY_SLOPE if activation == "leaky_relu" else 0.0
+    return (x > 0).to(x.dtype) * (1.0 - negative_slope) + negative_slope
+
+
+class LinearStack(nn.Module):
+    """Linear layers `dims[0] -> dims[1] -> ...`; layer j is followed by the activation iff
+    `activated[j]`. Parameter names: layers.<j>.weight [out, in], layers.<j>.bias [out]."""
+
+    def __init__(self, dims, activated, activation):
+        super().__init__()
+        if len(activated) != len(dims) - 1:
+            raise ValueError("need one activation flag per layer")
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.activated = list(activated)
+        self.activation = activation
+
+    def forward(self, x):
+        for layer, activated in zip(self.layers, self.activated):
+            x = layer(x)
+            if activated:
+                x = activate(x, self.activation)
+        return x
+
+
+def embedding_dims(in_dim, out_dim, n_layer):
+    """Widths of an embedding network: in -> in/2 (n_layer - 1 times) -> out (SPEC §2: 3d -> 3d/2 -> d)."""
+    if n_layer < 1:
+        raise ValueError(f"n_layer must be >= 1, got {n_layer}")
+    return [in_dim] + [in_dim // 2] * (n_layer - 1) + [out_dim]
+
+
+class EmbeddingNetwork(LinearStack):
+    """p [..., in_dim] -> e [..., d]: every layer activated (user: theta_u, item: theta_i)."""
+
+    def __init__(self, in_dim, embedding_dim, n_layer, activation):
+        dims = embedding_dims(in_dim, embedding_dim, n_layer)
+        super().__init__(dims, [True] * (len(dims) - 1), activation)
