@@ -43,4 +43,5 @@ config_settings = {
     "task_memory": True,  # task memory cube (personalised mem_layer fast weight)
     "first_order": True,  # first-order MAML; False differentiates through the local update
     "with_ablation": False,  # also train the memory-free model and report it as no_memory
+    "engine": "auto",  # auto (batched when sgd + first order) | batched | reference (one user at a time)
 }

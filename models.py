@@ -4,7 +4,7 @@ Parameters are split in two:
 - psi: the input loading (shared feature embeddings), global and never adapted per user;
 - phi: the global values of theta = (theta_u, theta_i, theta_r), named like `user.layers.0.weight`.
 
-For a batch of users every user starts from its own theta (phi - tao * b_u, and its task-memory
+For a batch of users (`utils.TaskBatch`) every user starts from its own theta (phi - tao * b_u, and its task-memory
 mem_layer weight), adapts it on its support set and is scored on its query set; no shared state is
 mutated until the batch's global step and memory writes. Two engines compute the same thing:
 - `ReferenceEngine`: one user at a time with `torch.func.functional_call` and `torch.func.grad`,
@@ -28,16 +28,6 @@ from modules.rec_model import MEM_LAYER, RecModel
 
 MEM_WEIGHT = f"rec.{MEM_LAYER}.weight"
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
-
-
-@dataclass
-class TaskBatch:
-    """B users' tasks; rows 0..S-1 of every [B, N] tensor are the support set, the rest the query."""
-    user_codes: torch.Tensor  # [B, F_u] long
-    item_features: dict  # field -> [B, N] codes or [B, N, L] padded indices
-    ratings: torch.Tensor  # [B, N] long
-    scenarios: torch.Tensor  # [B, N] long, 0..3
-    support_size: int
 
 
 class ThetaNet(nn.Module):

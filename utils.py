@@ -12,6 +12,8 @@ import random
 import re
 import secrets
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -317,3 +319,78 @@ def atomic_write_json(path, obj, indent: int = 2) -> None:
     encode raises TypeError/ValueError and leaves `path` (and its directory) unchanged.
     """
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Task loading
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskBatch:
+    """B users' tasks; rows 0..S-1 of every [B, N] tensor are the support set, the rest the query."""
+    user_codes: torch.Tensor  # [B, F_u] long
+    item_features: dict  # field -> [B, N] codes or [B, N, L] padded indices
+    ratings: torch.Tensor  # [B, N] long
+    scenarios: torch.Tensor  # [B, N] long, 0..3
+    support_size: int
+
+
+def tasks_to_batch(manifest, tasks):
+    """Stack task dicts (FORMAT.md) into one `TaskBatch` over all of them, in the given
+    order. Multi-hot fields become [U, N, L] active indices padded with the field's size."""
+    from models import TaskBatch
+
+    if not tasks:
+        raise ValueError("no tasks to load")
+    support_size = len(tasks[0]["support"]["ratings"])
+
+    def both(task, key):
+        return task["support"][key] + task["query"][key]
+
+    item_features = {}
+    for field in manifest["features"]["item"]:
+        name, size = field["name"], field["size"]
+        rows = [task["support"]["item_features"][name] + task["query"]["item_features"][name] for task in tasks]
+        if field["kind"] == "categorical":
+            item_features[name] = torch.tensor(rows, dtype=torch.long)
+        else:
+            width = max(1, max(len(active) for row in rows for active in row))
+            padded = np.full((len(rows), len(rows[0]), width), size, dtype=np.int64)
+            for u, row in enumerate(rows):
+                for i, active in enumerate(row):
+                    padded[u, i, :len(active)] = active
+            item_features[name] = torch.from_numpy(padded)
+    return TaskBatch(
+        user_codes=torch.tensor([task["user_features"] for task in tasks], dtype=torch.long),
+        item_features=item_features,
+        ratings=torch.tensor([both(task, "ratings") for task in tasks], dtype=torch.long),
+        scenarios=torch.tensor([both(task, "scenarios") for task in tasks], dtype=torch.long),
+        support_size=support_size,
+    )
+
+
+def select_users(batch, index):
+    """The users `index` (LongTensor or slice) of a TaskBatch, as a TaskBatch."""
+    from models import TaskBatch
+
+    return TaskBatch(
+        user_codes=batch.user_codes[index],
+        item_features={name: value[index] for name, value in batch.item_features.items()},
+        ratings=batch.ratings[index],
+        scenarios=batch.scenarios[index],
+        support_size=batch.support_size,
+    )
+
+
+def batch_to(batch, device):
+    """A TaskBatch moved to `device`."""
+    from models import TaskBatch
+
+    return TaskBatch(
+        user_codes=batch.user_codes.to(device),
+        item_features={name: value.to(device) for name, value in batch.item_features.items()},
+        ratings=batch.ratings.to(device),
+        scenarios=batch.scenarios.to(device),
+        support_size=batch.support_size,
+    )

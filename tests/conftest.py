@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from configs import config_settings
-from models import TaskBatch
+from utils import TaskBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
