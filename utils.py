@@ -339,7 +339,6 @@ class TaskBatch:
 def tasks_to_batch(manifest, tasks):
     """Stack task dicts (FORMAT.md) into one `TaskBatch` over all of them, in the given
     order. Multi-hot fields become [U, N, L] active indices padded with the field's size."""
-    from models import TaskBatch
 
     if not tasks:
         raise ValueError("no tasks to load")
@@ -372,7 +371,6 @@ def tasks_to_batch(manifest, tasks):
 
 def select_users(batch, index):
     """The users `index` (LongTensor or slice) of a TaskBatch, as a TaskBatch."""
-    from models import TaskBatch
 
     return TaskBatch(
         user_codes=batch.user_codes[index],
@@ -385,7 +383,6 @@ def select_users(batch, index):
 
 def batch_to(batch, device):
     """A TaskBatch moved to `device`."""
-    from models import TaskBatch
 
     return TaskBatch(
         user_codes=batch.user_codes.to(device),

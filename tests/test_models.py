@@ -1,0 +1,240 @@
+"""The functional core: personalised initialisation, local and global steps against plain torch,
+and the batched engine against the per-user reference engine."""
+import copy
+
+import pytest
+import torch
+
+from models import MAMO, MEM_WEIGHT, make_engine, meta_train_step, predict_query, support_batches
+from tests.conftest import TINY_FEATURES, random_batch, small_config
+
+
+def build(cfg, seed=1, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = MAMO(TINY_FEATURES, 5, 1, cfg, torch.Generator().manual_seed(seed)).to(dtype)
+    if model.memories is not None:
+        state = model.memories.state_dict()
+        model.memories.load_state_dict({
+            "profile": state["profile"].to(dtype),
+            "embedding": {k: v.to(dtype) for k, v in state["embedding"].items()},
+            "task": None if state["task"] is None else state["task"].to(dtype)})
+    return model
+
+
+def snapshot(model):
+    mem = model.memories
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            None if mem is None else copy.deepcopy(mem.state_dict()))
+
+
+def assert_same_state(a, b, atol):
+    (params_a, mem_a), (params_b, mem_b) = a, b
+    for name in params_a:
+        assert torch.allclose(params_a[name], params_b[name], atol=atol, rtol=0), name
+    if mem_a is not None:
+        assert torch.allclose(mem_a["profile"], mem_b["profile"], atol=atol, rtol=0)
+        for name in mem_a["embedding"]:
+            assert torch.allclose(mem_a["embedding"][name], mem_b["embedding"][name], atol=atol, rtol=0)
+        if mem_a["task"] is not None:
+            assert torch.allclose(mem_a["task"], mem_b["task"], atol=atol, rtol=0)
+
+
+def test_support_batches_are_in_order_and_repeat_per_pass():
+    assert support_batches(15, 5, 2) == [slice(0, 5), slice(5, 10), slice(10, 15)] * 2
+    assert support_batches(7, 5, 1) == [slice(0, 5), slice(5, 7)]
+
+
+def test_initial_theta_is_phi_minus_tao_bias_and_task_memory_weight():
+    cfg = small_config(tao=0.5)
+    model = build(cfg)
+    profiles = model.input_loading.user_profile(random_batch(2).user_codes).detach()
+    a = model.read(profiles)
+    theta = model.initial_theta(a, 2)
+    phi = model.phi()
+    for name, slots in model.memories.embedding.items():
+        expected = phi[name] - 0.5 * torch.einsum("bk,k...->b...", a, slots)
+        assert torch.allclose(theta[name], expected)
+    assert torch.allclose(theta[MEM_WEIGHT], torch.einsum("bk,kij->bij", a, model.memories.task))
+    assert torch.equal(theta["item.layers.0.weight"][1], phi["item.layers.0.weight"])
+    assert torch.equal(theta["rec.layers.0.bias"][0], phi["rec.layers.0.bias"])
+
+
+def plain_local_update(model, theta, profile, item_profiles, targets, cfg):
+    """Local update with an nn.Module copy, torch.optim.SGD and clip_grad_norm_ (independent of models.py)."""
+    net = copy.deepcopy(model.theta_net)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(theta[name])
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg["rho"])
+    for rows in support_batches(item_profiles.shape[0], cfg["batch_size"], cfg["n_inner_loop"]):
+        optimizer.zero_grad()
+        model.loss(net(profile, item_profiles[rows]), targets[rows]).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"])
+        optimizer.step()
+    return net
+
+
+@pytest.mark.parametrize("engine_name", ["reference", "batched"])
+@pytest.mark.parametrize("grad_clip", [5.0, 0.05])
+def test_local_update_matches_torch_sgd_with_clipping(engine_name, grad_clip):
+    cfg = small_config(grad_clip=grad_clip)
+    model = build(cfg)
+    batch = random_batch(3)
+    engine = make_engine(model, engine_name)
+    outputs = predict_query(model, engine, batch)
+    with torch.no_grad():
+        profiles = model.input_loading.user_profile(batch.user_codes)
+        items = model.input_loading.item_profile(batch.item_features)
+        theta0 = model.initial_theta(model.read(profiles), 3)
+    targets = model.targets(batch.ratings)
+    s = batch.support_size
+    for b in range(3):
+        net = plain_local_update(model, {k: v[b] for k, v in theta0.items()}, profiles[b], items[b, :s],
+                                 targets[b, :s], cfg)
+        assert torch.allclose(outputs[b], net(profiles[b], items[b, s:]), atol=1e-10)
+
+
+def test_global_step_is_sgd_on_the_mean_query_gradient():
+    cfg = small_config(meta_optimizer="sgd", feature_memory=False, task_memory=False)
+    model = build(cfg)
+    before = snapshot(model)[0]
+    batch = random_batch(2)
+    optimizer = torch.optim.SGD(model.meta_parameters(), lr=cfg["lambda"])
+    meta_train_step(model, make_engine(model, "batched"), batch, optimizer)
+    # Hand-unrolled first-order MAML: adapt a copy per user, take d(query loss)/d(adapted weights).
+    reference = build(cfg)
+    targets = reference.targets(batch.ratings)
+    s = batch.support_size
+    mean_grads = {}
+    for b in range(2):
+        profiles = reference.input_loading.user_profile(batch.user_codes[b])
+        items = reference.input_loading.item_profile({k: v[b] for k, v in batch.item_features.items()})
+        net = plain_local_update(reference, reference.phi(), profiles.detach(), items[:s].detach(), targets[b, :s], cfg)
+        loss = reference.loss(net(profiles, items[s:]), targets[b, s:]) / 2
+        psi = list(reference.input_loading.parameters())
+        grads = torch.autograd.grad(loss, list(net.parameters()) + psi, allow_unused=True)
+        names = [f"theta_net.{n}" for n, _ in net.named_parameters()] + \
+                [f"input_loading.{n}" for n, _ in reference.input_loading.named_parameters()]
+        for name, g in zip(names, grads):
+            mean_grads[name] = mean_grads.get(name, 0) + (0 if g is None else g)
+    after = model.state_dict()
+    for name, value in before.items():
+        assert torch.allclose(after[name], value - cfg["lambda"] * mean_grads[name], atol=1e-10), name
+
+
+CASES = [
+    dict(),
+    dict(feature_memory=False),
+    dict(task_memory=False),
+    dict(feature_memory=False, task_memory=False),
+    dict(head="regression"),
+    dict(activation="relu", n_layer=3),
+]
+
+
+@pytest.mark.parametrize("overrides", CASES)
+@pytest.mark.parametrize("users_per_step", [1, 4])
+def test_batched_engine_equals_reference_through_training(overrides, users_per_step):
+    cfg = small_config(**overrides)
+    models = [build(cfg), build(cfg)]
+    engines = [make_engine(models[0], "reference"), make_engine(models[1], "batched")]
+    optimizers = [torch.optim.Adam(m.meta_parameters(), lr=0.01) for m in models]
+    for step in range(3):
+        batch = random_batch(users_per_step, seed=step)
+        losses = [meta_train_step(m, e, batch, o) for m, e, o in zip(models, engines, optimizers)]
+        assert torch.allclose(losses[0], losses[1], atol=1e-10)
+    assert_same_state(snapshot(models[0]), snapshot(models[1]), atol=1e-10)
+    test = random_batch(5, seed=99)
+    assert torch.allclose(predict_query(models[0], engines[0], test), predict_query(models[1], engines[1], test),
+                          atol=1e-10)
+
+
+def test_batched_engine_matches_reference_in_float32():
+    cfg = small_config(embedding_dim=16)
+    models = [build(cfg, dtype=torch.float32), build(cfg, dtype=torch.float32)]
+    engines = [make_engine(models[0], "reference"), make_engine(models[1], "batched")]
+    optimizers = [torch.optim.SGD(m.meta_parameters(), lr=0.05) for m in models]
+    for step in range(4):
+        for m, e, o in zip(models, engines, optimizers):
+            meta_train_step(m, e, random_batch(3, seed=step), o)
+    assert_same_state(snapshot(models[0]), snapshot(models[1]), atol=1e-5)
+
+
+def test_users_per_step_one_is_sequential_users():
+    """Two batches of one user = the sequential algorithm: the second user reads the first's writes."""
+    cfg = small_config(meta_optimizer="sgd", lambda_=None)
+    model = build(cfg)
+    engine = make_engine(model, "batched")
+    optimizer = torch.optim.SGD(model.meta_parameters(), lr=cfg["lambda"])
+    profile_memory = model.memories.profile.clone()
+    batch = random_batch(2)
+    first = type(batch)(batch.user_codes[:1], {k: v[:1] for k, v in batch.item_features.items()},
+                        batch.ratings[:1], batch.scenarios[:1], batch.support_size)
+    meta_train_step(model, engine, first, optimizer)
+    assert not torch.equal(model.memories.profile, profile_memory)
+
+
+def test_evaluation_changes_nothing():
+    cfg = small_config()
+    model = build(cfg)
+    meta_train_step(model, make_engine(model), random_batch(4), torch.optim.Adam(model.meta_parameters(), 0.01))
+    before = snapshot(model)
+    for name in ("batched", "reference"):
+        predict_query(model, make_engine(model, name), random_batch(6, seed=5))
+    after = snapshot(model)
+    for key in before[0]:
+        assert torch.equal(before[0][key], after[0][key])
+    assert torch.equal(before[1]["profile"], after[1]["profile"])
+    assert torch.equal(before[1]["task"], after[1]["task"])
+    for key in before[1]["embedding"]:
+        assert torch.equal(before[1]["embedding"][key], after[1]["embedding"][key])
+
+
+def test_memories_keep_no_autograd_history():
+    cfg = small_config()
+    model = build(cfg, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.meta_parameters(), 0.01)
+    for step in range(3):
+        meta_train_step(model, make_engine(model), random_batch(4, seed=step), optimizer)
+        state = model.memories.state_dict()
+        for tensor in [state["profile"], state["task"], *state["embedding"].values()]:
+            assert tensor.grad_fn is None and not tensor.requires_grad
+
+
+def test_adam_local_update_runs_on_the_reference_engine():
+    cfg = small_config(local_optimizer="adam")
+    model = build(cfg)
+    engine = make_engine(model)
+    assert type(engine).__name__ == "ReferenceEngine"
+    with pytest.raises(ValueError, match="batched engine needs"):
+        make_engine(model, "batched")
+    losses = meta_train_step(model, engine, random_batch(2), torch.optim.Adam(model.meta_parameters(), 0.01))
+    assert torch.isfinite(losses).all()
+
+
+def test_second_order_gradient_matches_finite_differences():
+    cfg = small_config(first_order=False, feature_memory=False, task_memory=True, meta_optimizer="sgd",
+                       n_inner_loop=1, grad_clip=None)
+    model = build(cfg)
+    engine = make_engine(model)
+    batch = random_batch(1)
+    with torch.no_grad():
+        profiles = model.input_loading.user_profile(batch.user_codes)
+        items = model.input_loading.item_profile(batch.item_features)
+    attention = model.read(profiles)
+    meta = engine.meta_gradients(batch, profiles, items, attention)
+    name = "item.layers.1.weight"
+    direction = torch.randn_like(model.phi()[name])
+    analytic = (meta.phi_grads[name] * direction).sum()
+
+    def query_loss(shift):
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            shifted.phi()[name].add_(shift * direction)
+        return make_engine(shifted).meta_gradients(batch, profiles, items, attention).query_loss.sum()
+
+    numeric = (query_loss(1e-6) - query_loss(-1e-6)) / 2e-6
+    assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-8)
+    first_order = make_engine(build(dict(cfg, first_order=True)), "reference")
+    assert not torch.allclose(first_order.meta_gradients(batch, profiles, items, attention).phi_grads[name],
+                              meta.phi_grads[name])
