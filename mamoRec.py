@@ -17,6 +17,10 @@ import torch
 from tqdm import tqdm
 
 from configs import config_settings
+from data_prep.download import DownloadError
+from data_prep.prepare_data import prepare
+from data_prep.raw_io import DataError
+from data_prep.task_io import load_processed
 from models import MAMO, make_engine, meta_train_step, predict_query
 from utils import (SCENARIOS, SUBSETS, atomic_write_json, atomic_write_text, batch_to, evaluation_table,
                    expected_rating, format_results, point_prediction, resolve_device, seed_everything,
@@ -27,9 +31,6 @@ CHECKPOINT = "checkpoint.pt"
 
 def load_data(cfg):
     """Processed tasks for cfg['dataset'] (prepared first if missing): (manifest, train, test) batches."""
-    from data_prep.prepare_data import prepare
-    from data_prep.task_io import load_processed
-
     data_dir = Path(cfg["data_dir"])
     if not (data_dir / "manifest.json").is_file():
         prepare(cfg["dataset"], raw_dir=cfg["raw_dir"], out_dir=data_dir, download=cfg["download"],
@@ -249,9 +250,9 @@ def main(argv=None):
     cfg = build_config(args)
     try:
         run(cfg, resume=bool(args.resume))
-    except FileNotFoundError as error:
-        print(f"error: {error}\nGet the data with `python mamoRec.py --download` (MovieLens-1M), or try the "
-              f"synthetic demo: `python mamoRec.py --dataset synthetic`.", file=sys.stderr)
+    except (DataError, DownloadError) as error:
+        print(f"error: {error}\nTo fetch MovieLens: `python mamoRec.py --download`; to try the method "
+              f"offline: `python mamoRec.py --dataset synthetic`.", file=sys.stderr)
         return 2
     return 0
 
