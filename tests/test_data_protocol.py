@@ -5,7 +5,6 @@ import json
 import time
 
 import numpy as np
-import pytest
 
 from data_prep.prepare_data import prepare
 from data_prep.preprocess_MovieLens import split_timestamp, split_users
