@@ -64,7 +64,3 @@ def save_vocabularies(vocabularies: dict, path: Path) -> None:
     """Write vocabularies as JSON (UTF-8, stable key order)."""
     Path(path).write_text(json.dumps(vocabularies, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
-
-def load_vocabularies(path: Path) -> dict:
-    """Read vocabularies written by :func:`save_vocabularies`."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
