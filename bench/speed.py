@@ -1,0 +1,139 @@
+"""Speed and memory at MovieLens-1M scale: `python bench/speed.py [--json FILE] [--device D]`.
+
+Generates synthetic raw data in the ML-1M format (6,040 users by default), prepares it, then
+measures with the default configuration: preparation time and output size, one full epoch
+(train every training user + evaluate every test user), meta-training and evaluation users per
+second, the same work on a subset through the sequential path (users_per_step = 1, one test user
+at a time) and the batched path, and peak resident memory sampled user batch by user batch.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs import config_settings  # noqa: E402
+from data_prep.prepare_data import prepare  # noqa: E402
+from mamoRec import MAMRec, load_data  # noqa: E402
+from models import meta_train_step, predict_query  # noqa: E402
+from utils import resolve_device, select_users  # noqa: E402
+
+
+def rss_mb():
+    """Current resident set size in MB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def folder_mb(path):
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_training(trainer, users, users_per_step, device, rss_samples=None):
+    """Train on `users` (index tensor) in steps of users_per_step; returns seconds."""
+    synchronize(device)
+    started = time.perf_counter()
+    for start in range(0, len(users), users_per_step):
+        batch = select_users(trainer.train_tasks, users[start:start + users_per_step].to(device))
+        meta_train_step(trainer.model, trainer.engine, batch, trainer.optimizer)
+        if rss_samples is not None:
+            rss_samples.append(rss_mb())
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def timed_evaluation(trainer, n_users, users_per_batch, device):
+    synchronize(device)
+    started = time.perf_counter()
+    outputs = [predict_query(trainer.model, trainer.engine, select_users(trainer.test_tasks, slice(s, s + users_per_batch)))
+               for s in range(0, n_users, users_per_batch)]
+    synchronize(device)
+    return time.perf_counter() - started, torch.cat(outputs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-users", type=int, default=6040)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--subset", type=int, default=256, help="users for the sequential-vs-batched comparison")
+    parser.add_argument("--work-dir", help="where to put the synthetic data (default: a temporary folder)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="mamo-bench-"))
+    data_dir = work / "processed"
+
+    started = time.perf_counter()
+    prepare("synthetic", work / "raw", data_dir, n_users=args.n_users, log=lambda *_: None)
+    prepare_seconds = time.perf_counter() - started
+    cfg = copy.deepcopy(config_settings)
+    cfg.update(dataset="synthetic", data_dir=str(data_dir), device=str(device))
+    manifest, train, test = load_data(cfg)
+    results = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads(), "device": str(device),
+                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+               "data": {"n_users": manifest["n_users"], "n_train_users": manifest["n_train_users"],
+                        "n_test_users": manifest["n_test_users"], "n_items": manifest["n_items"],
+                        "n_raw_ratings": manifest.get("n_raw_ratings"),
+                        "prepare_seconds": prepare_seconds, "processed_mb": folder_mb(data_dir)},
+               "config": {k: cfg[k] for k in ("users_per_step", "eval_batch_users", "embedding_dim", "n_k",
+                                              "batch_size", "n_inner_loop")}}
+
+    trainer = MAMRec(cfg, manifest, train, test, work / "run", device)
+    n_train, n_test = train.ratings.shape[0], test.ratings.shape[0]
+    rss = [rss_mb()]
+    train_seconds = timed_training(trainer, trainer.user_order(1), cfg["users_per_step"], device, rss)
+    eval_seconds, _ = timed_evaluation(trainer, n_test, cfg["eval_batch_users"], device)
+    results["epoch"] = {"seconds": train_seconds + eval_seconds, "train_seconds": train_seconds,
+                        "eval_seconds": eval_seconds, "train_users_per_second": n_train / train_seconds,
+                        "eval_users_per_second": n_test / eval_seconds,
+                        "rss_mb_after_first_step": rss[1], "rss_mb_at_10_percent": rss[len(rss) // 10],
+                        "rss_mb_at_end": rss[-1]}
+
+    subset = min(args.subset, n_train, n_test)
+    users = trainer.user_order(2)[:subset]
+    comparison = {}
+    for label, step, eval_batch in (("sequential", 1, 1), ("batched", cfg["users_per_step"], cfg["eval_batch_users"])):
+        t_train = timed_training(trainer, users, step, device)
+        t_eval, _ = timed_evaluation(trainer, subset, eval_batch, device)
+        comparison[label] = {"users": subset, "train_users_per_second": subset / t_train,
+                             "eval_users_per_second": subset / t_eval}
+    comparison["train_speedup"] = (comparison["batched"]["train_users_per_second"]
+                                   / comparison["sequential"]["train_users_per_second"])
+    comparison["eval_speedup"] = (comparison["batched"]["eval_users_per_second"]
+                                  / comparison["sequential"]["eval_users_per_second"])
+    results["sequential_vs_batched"] = comparison
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
