@@ -249,64 +249,43 @@ def adam_update(theta, grads, state, step, lr, betas=(0.9, 0.999), eps=1e-8):
 
 
 class LowRankLinear:
-    """One linear layer for B users: W_b = sum_j coef[b, j] * bases[j] + sum_s D_s[b]^T X_s[b].
+    """One linear layer for B users: W_b = base_b + sum_s D_s[b]^T X_s[b], bias_b dense.
 
-    bases [J, out, in] are shared matrices (phi, memory slots); coef [B, J] mixes them per user
-    (None: a single base shared by all users). Each local step appends its rows X_s [B, m, in] and
-    scaled output gradients D_s [B, m, out]. bias [B, out] is kept dense.
+    base is [out, in] when shared by all users (phi) or [B, out, in] when personalised (memory
+    mixtures, formed once per batch). Each local step appends its input rows X_s [B, m, in] and
+    scaled output gradients D_s [B, m, out]: the update -rho * kappa * dz^T x is never materialised.
     """
 
-    def __init__(self, bases, coef, bias):
-        self.bases, self.coef, self.bias = bases, coef, bias
-        self.rows, self.deltas = [], []
-
-    def history(self):
-        return torch.cat(self.rows, 1), torch.cat(self.deltas, 1)
+    def __init__(self, base, bias):
+        self.base, self.bias = base, bias
+        self.rows = self.deltas = None
 
     def forward(self, x):
         """x [B, n, in] -> x W_b^T + bias_b: [B, n, out]."""
-        n_users, n, width = x.shape
-        if self.coef is None:
-            out = x @ self.bases[0].t()
-        else:
-            n_bases, n_out, _ = self.bases.shape
-            per_base = (x.reshape(-1, width) @ self.bases.reshape(-1, width).t()).view(n_users, n, n_bases, n_out)
-            out = torch.einsum("bnjo,bj->bno", per_base, self.coef)
-        if self.rows:
-            rows, deltas = self.history()
-            out = out + torch.bmm(torch.bmm(x, rows.transpose(1, 2)), deltas)
+        out = x @ self.base.t() if self.base.dim() == 2 else torch.bmm(x, self.base.transpose(1, 2))
+        if self.rows is not None:
+            out = out + torch.bmm(torch.bmm(x, self.rows.transpose(1, 2)), self.deltas)
         return out + self.bias.unsqueeze(1)
 
     def input_grad(self, out_grad):
         """d/dx of sum(out_grad * forward(x)): out_grad [B, n, out] -> [B, n, in]."""
-        n_users, n, n_out = out_grad.shape
-        if self.coef is None:
-            grad_in = out_grad @ self.bases[0]
-        else:
-            mixed = out_grad.unsqueeze(2) * self.coef.view(n_users, 1, -1, 1)
-            grad_in = (mixed.reshape(n_users * n, -1) @ self.bases.reshape(-1, self.bases.shape[-1])).view(n_users, n, -1)
-        if self.rows:
-            rows, deltas = self.history()
-            grad_in = grad_in + torch.bmm(torch.bmm(out_grad, deltas.transpose(1, 2)), rows)
+        grad_in = out_grad @ self.base if self.base.dim() == 2 else torch.bmm(out_grad, self.base)
+        if self.rows is not None:
+            grad_in = grad_in + torch.bmm(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows)
         return grad_in
 
     def step(self, x, out_grad, step_scale):
         """theta <- theta + step_scale * grad, grad_W = out_grad^T x, grad_b = sum of out_grad rows.
         x [B, m, in], out_grad [B, m, out], step_scale [B] (= -rho * clip factor)."""
-        self.rows.append(x)
-        self.deltas.append(out_grad * step_scale.view(-1, 1, 1))
+        deltas = out_grad * step_scale.view(-1, 1, 1)
+        self.rows = x if self.rows is None else torch.cat([self.rows, x], 1)
+        self.deltas = deltas if self.deltas is None else torch.cat([self.deltas, deltas], 1)
         self.bias = self.bias + step_scale.view(-1, 1) * out_grad.sum(1)
 
     def weight(self):
         """Dense per-user weights [B, out, in]."""
-        if self.coef is None:
-            dense = self.bases[0].expand(self.bias.shape[0], *self.bases.shape[1:])
-        else:
-            dense = torch.einsum("bj,joi->boi", self.coef, self.bases)
-        if self.rows:
-            rows, deltas = self.history()
-            dense = dense + torch.bmm(deltas.transpose(1, 2), rows)
-        return dense
+        dense = self.base.expand(self.bias.shape[0], *self.base.shape[-2:])
+        return dense if self.rows is None else dense + torch.bmm(self.deltas.transpose(1, 2), self.rows)
 
 
 def grad_sq_norm(x, out_grad):
@@ -333,16 +312,14 @@ class BatchedEngine:
             layers[prefix] = []
             for j, (layer, activated) in enumerate(zip(stack.layers, stack.activated)):
                 name = f"{prefix}.layers.{j}"
-                bases, coef = layer.weight.unsqueeze(0), None
-                bias = layer.bias.expand(n_users, -1)
+                base, bias = layer.weight.detach(), layer.bias.detach().expand(n_users, -1)
                 if prefix == "user" and cfg["feature_memory"]:
                     slots = model.memories.embedding
-                    bases = torch.cat([bases, slots[f"{name}.weight"]])
-                    coef = torch.cat([attention.new_ones(n_users, 1), -cfg["tao"] * attention], 1)
+                    base = base - cfg["tao"] * torch.einsum("bk,koi->boi", attention, slots[f"{name}.weight"])
                     bias = bias - cfg["tao"] * attention @ slots[f"{name}.bias"]
                 if f"{name}.weight" == MEM_WEIGHT and cfg["task_memory"]:
-                    bases, coef = model.memories.task, attention
-                layers[prefix].append((name, LowRankLinear(bases.detach(), coef, bias.detach()), activated))
+                    base = model.memories.task_weight(attention)
+                layers[prefix].append((name, LowRankLinear(base, bias), activated))
         return layers
 
     def forward(self, layers, profiles, item_profiles):
@@ -363,17 +340,20 @@ class BatchedEngine:
         e_i = run("item", item_profiles)
         return run("rec", torch.cat([e_u.expand(-1, e_i.shape[1], -1), e_i], -1)), tape
 
-    def backward(self, tape, out_grad):
+    def backward(self, tape, out_grad, profile_grads=True):
         """Backpropagate d loss / d outputs through the tape.
-        Returns ([(layer name, layer, input, d pre-activation)], d profiles [B, D_u], d item profiles [B, n, D_i])."""
+        Returns ([(layer name, layer, input, d pre-activation)], d profiles [B, D_u], d item profiles
+        [B, n, D_i]); the last two are None when not `profile_grads` (the local update needs neither)."""
         activation = self.config["activation"]
         grads = []
 
         def back(prefix, g):
-            for name, layer, x, z, activated in reversed(tape[prefix]):
+            for depth, (name, layer, x, z, activated) in reversed(list(enumerate(tape[prefix]))):
                 if activated:
                     g = g * activation_slope(z, activation)
                 grads.append((name, layer, x, g))
+                if depth == 0 and prefix != "rec" and not profile_grads:
+                    return None
                 g = layer.input_grad(g)
             return g
 
@@ -381,14 +361,14 @@ class BatchedEngine:
         rec_in = back("rec", out_grad)
         item_grad = back("item", rec_in[..., d:])
         profile_grad = back("user", rec_in[..., :d].sum(1, keepdim=True))
-        return grads, profile_grad.squeeze(1), item_grad
+        return grads, None if profile_grad is None else profile_grad.squeeze(1), item_grad
 
     def adapt(self, layers, profiles, item_profiles, targets):
         """Local update on the support rows of item_profiles / targets (in place on `layers`)."""
         cfg, model = self.config, self.model
         for rows in support_batches(item_profiles.shape[1], cfg["batch_size"], cfg["n_inner_loop"]):
             outputs, tape = self.forward(layers, profiles, item_profiles[:, rows])
-            grads, _, _ = self.backward(tape, model.output_grad(outputs, targets[:, rows]))
+            grads, _, _ = self.backward(tape, model.output_grad(outputs, targets[:, rows]), profile_grads=False)
             sq_norm = sum(grad_sq_norm(x, g) for _, _, x, g in grads)
             step_scale = -cfg["rho"] * clip_scale(sq_norm, cfg["grad_clip"])
             for _, layer, x, g in grads:
