@@ -38,7 +38,7 @@ config_settings = {
     "meta_optimizer": "adam",  # optimiser of the global step: adam | sgd
     "grad_clip": 5.0,  # local-update gradient-norm clip over theta (None: no clipping)
     "head": "classification",  # classification (softmax over rating classes) | regression (MSE)
-    "prediction": "argmax",  # point prediction for MAE/RMSE: argmax (most probable) | expected
+    "prediction": "expected",  # point prediction for MAE/RMSE: expected (probability-weighted) | argmax (released)
     "feature_memory": True,  # profile + embedding memory (personalised theta_u init)
     "task_memory": True,  # task memory cube (personalised mem_layer fast weight)
     "first_order": True,  # first-order MAML; False differentiates through the local update
