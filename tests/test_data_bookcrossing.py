@@ -3,6 +3,7 @@ tiny hand-written raw files (latin-1, quoted, ``;``-separated) with hand-compute
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from data_prep.download import manual_instructions
 from data_prep.prepare_data import main, prepare
 from data_prep.raw_io import DataError
 from data_prep.task_io import load_processed
+from tests.test_data_download import server  # noqa: F401 (fixture)
 
 USERS = [
     '"User-ID";"Location";"Age"',
@@ -207,3 +209,14 @@ def test_command_line_and_synthetic_bookcrossing(tmp_path):
     test_codes = {code for task in tasks.values() if task["split"] == "test"
                   for part in ("support", "query") for code in task[part]["scenarios"]}
     assert test_codes == {0, 1, 2, 3}
+
+
+def test_download_extracts_the_dump_zip_without_md5(tmp_path, server):
+    site, base_url = server
+    source = write_bx(tmp_path / "source")
+    with zipfile.ZipFile(site / "BX-CSV-Dump.zip", "w") as archive:
+        for name in ("BX-Users.csv", "BX-Books.csv", "BX-Book-Ratings.csv"):
+            archive.write(source / name, name)
+    manifest = prepare("bookcrossing", tmp_path / "raw", tmp_path / "out", download=True,
+                       base_urls={"bookcrossing": base_url}, log=lambda message: None, **TINY)
+    assert manifest["n_users"] == 3 and (tmp_path / "raw" / "BX-Books.csv").read_bytes() == (source / "BX-Books.csv").read_bytes()
