@@ -1,8 +1,10 @@
-"""Fetch missing MovieLens raw files (urllib only), verify md5, extract zips safely.
+"""Fetch missing raw files (urllib only), verify md5 where one is published, extract zips safely.
 
-Base URLs, in order of precedence: the ``base_urls`` argument (``{"grouplens": url, "melu": url}``),
-the environment variables ``MAMO_GROUPLENS_BASE_URL`` and ``MAMO_MELU_BASE_URL``, then the public
-defaults below. Tests point them at a local ``http.server``.
+Base URLs, in order of precedence: the ``base_urls`` argument (``{"grouplens": url, "melu": url,
+"bookcrossing": url}``), the environment variables ``MAMO_GROUPLENS_BASE_URL``,
+``MAMO_MELU_BASE_URL`` and ``MAMO_BOOKCROSSING_BASE_URL``, then the public defaults below. Tests
+point them at a local ``http.server``. The Book-Crossing dump has no official md5 and its classic
+host is often down, so it is fetched unverified and any mirror can be named as its base URL.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from data_prep.raw_io import md5_of
 DEFAULT_BASE_URLS = {
     "grouplens": "https://files.grouplens.org/datasets/movielens/",
     "melu": "https://raw.githubusercontent.com/hoyeoplee/MeLU/master/movielens/ml-1m/",
+    "bookcrossing": "http://www2.informatik.uni-freiburg.de/~cziegler/BX/",
 }
-BASE_URL_ENVIRONMENT = {"grouplens": "MAMO_GROUPLENS_BASE_URL", "melu": "MAMO_MELU_BASE_URL"}
+BASE_URL_ENVIRONMENT = {"grouplens": "MAMO_GROUPLENS_BASE_URL", "melu": "MAMO_MELU_BASE_URL",
+                        "bookcrossing": "MAMO_BOOKCROSSING_BASE_URL"}
 TIMEOUT_SECONDS = 60
 
 
@@ -34,11 +38,12 @@ class Source:
     """One downloadable file: a zip whose ``members`` give raw files, or a raw file itself.
 
     members: ``{raw file name: member path inside the zip}``; empty for a direct file.
+    md5: None when no checksum is published (the download is then not verified).
     """
 
     name: str
     host: str
-    md5: str
+    md5: str | None
     members: dict[str, str] = field(default_factory=dict)
 
     def raw_files(self) -> list[str]:
@@ -54,6 +59,10 @@ SOURCES = {
     "movielens-100k": [
         Source("ml-100k.zip", "grouplens", "0e33842e24a9c977be4e0107933c0723",
                {"u.data": "ml-100k/u.data", "u.user": "ml-100k/u.user", "u.item": "ml-100k/u.item"}),
+    ],
+    "bookcrossing": [
+        Source("BX-CSV-Dump.zip", "bookcrossing", None,
+               {name: name for name in ("BX-Users.csv", "BX-Books.csv", "BX-Book-Ratings.csv")}),
     ],
 }
 
@@ -81,12 +90,16 @@ def manual_instructions(dataset: str, raw_dir: Path, base_urls: dict[str, str] |
         url = urls[source.host] + source.name
         for raw_file in source.raw_files():
             origin = f"member {source.members[raw_file]} of {url}" if source.members else url
-            lines.append(f"  {Path(raw_dir).resolve() / raw_file}  <-  {origin} (md5 of download {source.md5})")
+            checksum = f"md5 of download {source.md5}" if source.md5 else "no published md5, not verified"
+            lines.append(f"  {Path(raw_dir).resolve() / raw_file}  <-  {origin} ({checksum})")
     return "\n".join(lines)
 
 
-def fetch(url: str, target: Path, expected_md5: str) -> None:
-    """Download ``url`` to ``target`` with a progress bar; refuse (and delete) on md5 mismatch."""
+def fetch(url: str, target: Path, expected_md5: str | None) -> None:
+    """Download ``url`` to ``target`` with a progress bar; refuse (and delete) on md5 mismatch.
+
+    expected_md5 None: no checksum is published, the download is kept unverified.
+    """
     partial = target.with_name(target.name + ".part")
     with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response, open(partial, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
@@ -95,7 +108,7 @@ def fetch(url: str, target: Path, expected_md5: str) -> None:
                 out.write(block)
                 progress.update(len(block))
     actual = md5_of(partial)
-    if actual != expected_md5:
+    if expected_md5 is not None and actual != expected_md5:
         partial.unlink()
         raise DownloadError(f"{url}: md5 {actual}, expected {expected_md5}; the download was deleted")
     os.replace(partial, target)
@@ -136,7 +149,7 @@ def download_missing(dataset: str, raw_dir: Path, base_urls: dict[str, str] | No
     for source in missing_sources(dataset, raw_dir):
         target = raw_dir / source.name
         expected = (md5s or {}).get(source.name, source.md5)
-        if not (target.is_file() and md5_of(target) == expected):
+        if not (target.is_file() and (expected is None or md5_of(target) == expected)):
             try:
                 fetch(urls[source.host] + source.name, target, expected)
             except (urllib.error.URLError, OSError) as exc:

@@ -2,7 +2,9 @@
 
     python -m data_prep.prepare_data --dataset movielens      --raw-dir RAW --out-dir OUT [--download]
     python -m data_prep.prepare_data --dataset movielens-100k --raw-dir RAW --out-dir OUT [--download]
+    python -m data_prep.prepare_data --dataset bookcrossing   --raw-dir RAW --out-dir OUT [--download]
     python -m data_prep.prepare_data --dataset synthetic      --out-dir OUT [--n-users N] [--seed S]
+    python -m data_prep.prepare_data --dataset synthetic-bookcrossing --out-dir OUT [--n-users N] [--seed S]
 
 The output is built in a temporary sibling folder and renamed into place, so an interrupted run
 leaves either the previous complete output or none. A re-run whose raw inputs (md5) and settings
@@ -22,12 +24,18 @@ import numpy as np
 
 from data_prep.download import DownloadError, download_missing, manual_instructions, missing_sources
 from data_prep.prepare_list import build_vocabularies, encode_table, feature_schema, save_vocabularies
-from data_prep.preprocess_MovieLens import LOADERS, RATING_RANGE, RAW_FILES, ProtocolResult, RawDataset, apply_protocol
+from data_prep.preprocess_BookCrossing import BX_DEFAULTS, BX_FILES, load_bookcrossing
+from data_prep.preprocess_MovieLens import LOADERS, RAW_FILES, ProtocolResult, RawDataset, apply_protocol
 from data_prep.raw_io import DataError, md5_of
-from data_prep.synthetic import write_synthetic_movielens
+from data_prep.synthetic import write_synthetic_bookcrossing, write_synthetic_movielens
 from data_prep.task_io import FORMAT, MANIFEST, TASKS, VOCABULARIES, read_manifest, task_path, write_json, write_task
 
-DATASETS = tuple(LOADERS)
+BOOKCROSSING_DATASETS = ("bookcrossing", "synthetic-bookcrossing")
+DATASETS = (*LOADERS, *BOOKCROSSING_DATASETS)
+DATASET_RAW_FILES = {**RAW_FILES, **{name: BX_FILES for name in BOOKCROSSING_DATASETS}}
+SYNTHETIC_WRITERS = {"synthetic": write_synthetic_movielens, "synthetic-bookcrossing": write_synthetic_bookcrossing}
+DATASET_DEFAULTS = {name: BX_DEFAULTS for name in BOOKCROSSING_DATASETS}
+ITEM_KEYS = "item_keys.json"
 DEFAULT_PROTOCOL = {
     "support_size": 15,
     "query_size": 5,
@@ -43,14 +51,14 @@ SCENARIO_NAMES = ("existing_user_existing_item", "existing_user_new_item", "new_
 def preparation_settings(dataset: str, protocol: dict, n_users: int) -> dict:
     """The settings that, with the raw checksums, decide whether an output can be reused."""
     settings = {"format": FORMAT, "dataset": dataset, **protocol}
-    if dataset == "synthetic":
+    if dataset in SYNTHETIC_WRITERS:
         settings["synthetic"] = {"n_users": n_users, "seed": protocol["random_state"]}
     return settings
 
 
 def raw_checksums(raw_dir: Path, dataset: str) -> dict[str, str] | None:
     """``{file name: md5}`` of the dataset's raw files, or None when one is missing."""
-    paths = [Path(raw_dir) / name for name in RAW_FILES[dataset]]
+    paths = [Path(raw_dir) / name for name in DATASET_RAW_FILES[dataset]]
     if not all(path.is_file() for path in paths):
         return None
     return {path.name: md5_of(path) for path in paths}
@@ -120,21 +128,21 @@ def build_manifest(raw: RawDataset, result: ProtocolResult, vocabularies: dict, 
     items_new = kept.groupby("item")["item_is_new"].first()
     is_test_query = kept["user"].isin(result.test_users).to_numpy() & (
         kept.groupby("user").cumcount().to_numpy() >= protocol["support_size"])
+    split_time = result.split_time
+    rating_min, rating_max = raw.rating_range
     return {
         "format": FORMAT,
         "dataset": settings["dataset"],
         "protocol": {
             **protocol,
             "item_warm_min_ratings": protocol["item_cold_max_ratings"] + 1,
-            "split_time_rule": "sorted_timestamps[min(floor(time_split_ratio * N + 0.5), N - 1)], 0-based, "
-                               "N = ratings of movies with metadata",
-            "user_rule": "new iff first kept rating's timestamp >= split_time",
+            **result.rules,
             "item_rule": "new iff kept ratings <= item_cold_max_ratings",
             "split_rule": "default_rng(random_state).permutation(sorted user ids); "
                           "first floor(train_ratio * n_users + 0.5) are train",
         },
-        "split_time": result.split_time,
-        "split_time_utc": datetime.fromtimestamp(result.split_time, tz=timezone.utc).isoformat(),
+        "split_time": split_time,
+        "split_time_utc": None if split_time is None else datetime.fromtimestamp(split_time, tz=timezone.utc).isoformat(),
         "n_users": int(len(users_new)),
         "n_train_users": len(result.train_users),
         "n_test_users": len(result.test_users),
@@ -142,15 +150,16 @@ def build_manifest(raw: RawDataset, result: ProtocolResult, vocabularies: dict, 
         "n_ratings": int(len(kept)),
         "n_raw_ratings": int(len(raw.ratings)),
         "n_ratings_without_metadata": result.n_ratings_without_metadata,
+        **({"repairs": raw.repairs} if raw.repairs else {}),
         "n_warm_users": int((~users_new).sum()),
         "n_cold_users": int(users_new.sum()),
         "n_warm_items": int((~items_new).sum()),
         "n_cold_items": int(items_new.sum()),
         "scenario_counts": scenario_counts(kept["scenario"].to_numpy()),
         "test_query_scenario_counts": scenario_counts(kept.loc[is_test_query, "scenario"].to_numpy()),
-        "rating_min": RATING_RANGE[0],
-        "rating_max": RATING_RANGE[1],
-        "n_rating_classes": RATING_RANGE[1] - RATING_RANGE[0] + 1,
+        "rating_min": rating_min,
+        "rating_max": rating_max,
+        "n_rating_classes": rating_max - rating_min + 1,
         "features": {
             "user": feature_schema(raw.user_fields, vocabularies["user"]),
             "item": feature_schema(raw.item_fields, vocabularies["item"]),
@@ -161,15 +170,25 @@ def build_manifest(raw: RawDataset, result: ProtocolResult, vocabularies: dict, 
     }
 
 
+def load_raw(dataset: str, raw_dir: Path, protocol: dict) -> RawDataset:
+    """The dataset's reader: Book-Crossing's takes its settings (pooling, user rule)."""
+    if dataset in BOOKCROSSING_DATASETS:
+        return load_bookcrossing(raw_dir, protocol)
+    return LOADERS[dataset](raw_dir)
+
+
 def build_output(staging: Path, raw_dir: Path, settings: dict, protocol: dict) -> dict:
     """Read ``raw_dir``, apply the protocol and write the complete output into ``staging``."""
     dataset = settings["dataset"]
     checksums = raw_checksums(raw_dir, dataset)
-    raw = LOADERS[dataset](raw_dir)
+    raw = load_raw(dataset, raw_dir, protocol)
     result = apply_protocol(raw, protocol)
     vocabularies = build_vocabularies(raw)
     write_tasks(staging, raw, result, vocabularies, protocol)
     save_vocabularies(vocabularies, staging / VOCABULARIES)
+    if raw.item_keys:
+        kept_items = sorted(result.kept["item"].unique().tolist())
+        write_json(staging / ITEM_KEYS, {str(item): raw.item_keys[item] for item in kept_items})
     manifest = build_manifest(raw, result, vocabularies, settings, checksums, protocol)
     write_json(staging / MANIFEST, manifest)
     return manifest
@@ -210,23 +229,26 @@ def prepare(dataset: str, raw_dir: Path | str | None, out_dir: Path | str, *, do
             log=print, **protocol_settings) -> dict:
     """Prepare ``dataset`` from ``raw_dir`` into ``out_dir``; return the manifest.
 
-    protocol_settings: any of DEFAULT_PROTOCOL's keys (support_size, query_size, random_state, ...);
-    ``seed`` is accepted as an alias of random_state. For ``synthetic``, raw files are generated with
-    seed random_state into ``raw_dir`` when given, else into ``out_dir/raw``.
+    protocol_settings: any of DEFAULT_PROTOCOL's keys (support_size, query_size, random_state, ...),
+    and for Book-Crossing datasets BX_DEFAULTS' keys (bx_user_rule, pooling thresholds); ``seed`` is
+    accepted as an alias of random_state. For ``synthetic`` and ``synthetic-bookcrossing``, raw files
+    are generated with seed random_state into ``raw_dir`` when given, else into ``out_dir/raw``.
     """
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}, expected one of {', '.join(DATASETS)}")
     if "seed" in protocol_settings:
         protocol_settings["random_state"] = protocol_settings.pop("seed")
-    unknown = set(protocol_settings) - set(DEFAULT_PROTOCOL)
+    defaults = {**DEFAULT_PROTOCOL, **DATASET_DEFAULTS.get(dataset, {})}
+    unknown = set(protocol_settings) - set(defaults)
     if unknown:
-        raise TypeError(f"unknown settings {sorted(unknown)}, expected some of {sorted(DEFAULT_PROTOCOL)}")
-    protocol = {**DEFAULT_PROTOCOL, **protocol_settings}
+        raise TypeError(f"unknown settings {sorted(unknown)}, expected some of {sorted(defaults)}")
+    protocol = {**defaults, **protocol_settings}
     out_dir = Path(out_dir)
     raw_dir = Path(raw_dir) if raw_dir is not None else None
-    generate_in_output = dataset == "synthetic" and raw_dir is None
+    synthetic = dataset in SYNTHETIC_WRITERS
+    generate_in_output = synthetic and raw_dir is None
     check_out_dir(out_dir, None if generate_in_output else raw_dir)
-    if dataset != "synthetic":
+    if not synthetic:
         if raw_dir is None:
             raise DataError(f"--raw-dir is required for {dataset!r}")
         ensure_raw_files(dataset, raw_dir, download, base_urls)
@@ -239,9 +261,9 @@ def prepare(dataset: str, raw_dir: Path | str | None, out_dir: Path | str, *, do
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        if dataset == "synthetic":
+        if synthetic:
             raw_location = staging / "raw" if generate_in_output else raw_dir
-            write_synthetic_movielens(raw_location, n_users=n_users, seed=protocol["random_state"])
+            SYNTHETIC_WRITERS[dataset](raw_location, n_users=n_users, seed=protocol["random_state"])
         manifest = build_output(staging, raw_location, settings, protocol)
         publish(staging, out_dir)
     finally:
@@ -255,7 +277,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m data_prep.prepare_data", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, choices=DATASETS)
-    parser.add_argument("--raw-dir", type=Path, help="raw files (required for movielens datasets)")
+    parser.add_argument("--raw-dir", type=Path, help="raw files (required unless synthetic)")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--download", action="store_true", help="fetch missing raw files first")
     parser.add_argument("--n-users", type=int, default=DEFAULT_SYNTHETIC_USERS, help="synthetic users")
@@ -264,7 +286,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--support-size", type=int, default=DEFAULT_PROTOCOL["support_size"])
     parser.add_argument("--query-size", type=int, default=DEFAULT_PROTOCOL["query_size"])
     arguments = parser.parse_args(argv)
-    if arguments.dataset != "synthetic" and arguments.raw_dir is None:
+    if arguments.dataset not in SYNTHETIC_WRITERS and arguments.raw_dir is None:
         parser.error(f"--raw-dir is required for --dataset {arguments.dataset}")
     return arguments
 

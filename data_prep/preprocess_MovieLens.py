@@ -10,7 +10,8 @@ as strings). :func:`apply_protocol` then applies the protocol's rules, vectorise
    N ratings left after rule 1 (0-based index, round half up);
 4. keep users with at least ``support_size + query_size`` ratings, and only their first
    ``support_size + query_size`` ratings in time order;
-5. a user is new iff their first rating's timestamp >= ``split_time``;
+5. a user is new iff their first rating's timestamp >= ``split_time`` (the dataset's
+   ``user_rule``: Book-Crossing, without time, brings its own);
 6. an item is new iff it has at most ``item_cold_max_ratings`` (10) kept ratings;
 7. scenario = 2 * user_is_new + item_is_new (0..3);
 8. support = first ``support_size`` kept ratings, query = the rest (later in time);
@@ -23,6 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -52,6 +54,10 @@ class RawDataset:
     users: DataFrame indexed by user id, one str column per user field.
     items: DataFrame indexed by item id; categorical fields are str, multi-hot fields tuples of str.
     user_fields / item_fields: ``[(name, "categorical" | "multi_hot"), ...]`` in output order.
+    user_rule: classes kept users existing/new (default: first rating at or after split_time).
+    rating_range: (lowest, highest) rating.
+    repairs: ``{kind of damage: count}`` repaired or dropped while reading (reported in the manifest).
+    item_keys: ``{item id: the raw file's key}`` where raw keys are not integers (Book-Crossing ISBNs).
     """
 
     ratings: pd.DataFrame
@@ -60,6 +66,24 @@ class RawDataset:
     user_fields: list[tuple[str, str]]
     item_fields: list[tuple[str, str]]
     files: list[Path] = field(default_factory=list)
+    user_rule: Callable[[pd.DataFrame, pd.DataFrame, dict], "UserClasses"] = None
+    rating_range: tuple[int, int] = RATING_RANGE
+    repairs: dict[str, int] = field(default_factory=dict)
+    item_keys: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.user_rule is None:
+            self.user_rule = new_users_by_first_time
+
+
+@dataclass
+class UserClasses:
+    """A user rule's answer: ``is_new`` per kept rating row, the split time (None without time)
+    and the manifest's one-line descriptions of the rules (``split_time_rule``, ``user_rule``)."""
+
+    is_new: np.ndarray
+    split_time: int | None
+    rules: dict[str, str]
 
 
 @dataclass
@@ -68,10 +92,12 @@ class ProtocolResult:
 
     kept: DataFrame [user, item, rating, timestamp, user_is_new, item_is_new, scenario], sorted by
     user then time, exactly ``support_size + query_size`` rows per user.
+    rules: the user rule's descriptions for the manifest (see :class:`UserClasses`).
     """
 
     kept: pd.DataFrame
-    split_time: int
+    split_time: int | None
+    rules: dict[str, str]
     train_users: list[int]
     test_users: list[int]
     n_ratings_without_metadata: int
@@ -90,6 +116,14 @@ def split_multi_value(text: str, strip_notes: bool = False) -> tuple[str, ...]:
     return tuple(dict.fromkeys(missing_to_category(value) for value in text.split(",")))
 
 
+def check_known_users(table: Table, rating_users: np.ndarray, users: pd.DataFrame) -> None:
+    """Refuse the first rating (record of ``table``) whose user is not in ``users``."""
+    unknown = np.flatnonzero(~np.isin(rating_users, users.index.to_numpy()))
+    if unknown.size:
+        k = int(unknown[0])
+        raise table.error(k, f"user {rating_users[k]} is not in the users file, expected a known user id")
+
+
 def parse_ratings(table: Table, users: pd.DataFrame) -> pd.DataFrame:
     """Ratings table -> DataFrame [user, item, rating, timestamp, line], users checked known."""
     ratings = pd.DataFrame({
@@ -99,10 +133,7 @@ def parse_ratings(table: Table, users: pd.DataFrame) -> pd.DataFrame:
         "timestamp": int_column(table, "timestamp", low=0),
         "line": table.line_numbers,
     })
-    unknown = np.flatnonzero(~ratings["user"].isin(users.index).to_numpy())
-    if unknown.size:
-        k = int(unknown[0])
-        raise table.error(k, f"user {ratings['user'].iat[k]} is not in the users file, expected a known user id")
+    check_known_users(table, ratings["user"].to_numpy(), users)
     return ratings
 
 
@@ -200,6 +231,19 @@ def split_timestamp(timestamps: np.ndarray, ratio: float) -> int:
     return int(np.sort(timestamps, kind="stable")[position])
 
 
+def new_users_by_first_time(ratings: pd.DataFrame, kept: pd.DataFrame, protocol: dict) -> UserClasses:
+    """Rules 3 and 5: new iff the user's first kept rating is at or after ``split_time``."""
+    split_time = split_timestamp(ratings["timestamp"].to_numpy(), protocol["time_split_ratio"])
+    first_time = kept.groupby("user", sort=False)["timestamp"].transform("first")
+    return UserClasses(
+        is_new=(first_time >= split_time).to_numpy(),
+        split_time=split_time,
+        rules={"split_time_rule": "sorted_timestamps[min(floor(time_split_ratio * N + 0.5), N - 1)], 0-based, "
+                                  "N = ratings of movies with metadata",
+               "user_rule": "new iff first kept rating's timestamp >= split_time"},
+    )
+
+
 def first_ratings_per_user(ratings: pd.DataFrame, n_kept: int) -> pd.DataFrame:
     """The first ``n_kept`` ratings in (timestamp, line) order of users with at least ``n_kept``."""
     order = np.lexsort((ratings["line"].to_numpy(), ratings["timestamp"].to_numpy(), ratings["user"].to_numpy()))
@@ -220,22 +264,24 @@ def apply_protocol(raw: RawDataset, protocol: dict) -> ProtocolResult:
     """Apply SPEC section 1 to ``raw`` with ``protocol`` (support_size, query_size, ...)."""
     has_metadata = raw.ratings["item"].isin(raw.items.index).to_numpy()
     ratings = raw.ratings[has_metadata]
-    split_time = split_timestamp(ratings["timestamp"].to_numpy(), protocol["time_split_ratio"])
+    if ratings.empty:
+        raise DataError("no ratings left after dropping items without metadata, expected at least one")
     kept = first_ratings_per_user(ratings, protocol["support_size"] + protocol["query_size"])
     if kept.empty:
         raise DataError(
             f"{raw.files[0]}: no user has {protocol['support_size'] + protocol['query_size']} ratings "
-            "of movies with metadata, expected at least one such user"
+            "of items with metadata, expected at least one such user"
         )
-    first_time = kept.groupby("user", sort=False)["timestamp"].transform("first")
-    kept["user_is_new"] = (first_time >= split_time).to_numpy()
+    user_classes = raw.user_rule(ratings, kept, protocol)
+    kept["user_is_new"] = user_classes.is_new
     item_count = kept.groupby("item", sort=False)["item"].transform("size")
     kept["item_is_new"] = (item_count <= protocol["item_cold_max_ratings"]).to_numpy()
     kept["scenario"] = 2 * kept["user_is_new"].astype(np.int64) + kept["item_is_new"].astype(np.int64)
     train, test = split_users(kept["user"].unique(), protocol["train_ratio"], protocol["random_state"])
     return ProtocolResult(
         kept=kept.drop(columns="line"),
-        split_time=split_time,
+        split_time=user_classes.split_time,
+        rules=user_classes.rules,
         train_users=train,
         test_users=test,
         n_ratings_without_metadata=int((~has_metadata).sum()),

@@ -48,7 +48,11 @@ def md5_of(path: Path) -> str:
 
 
 def read_lines(path: Path, encoding: str) -> list[str]:
-    """The file's lines without line ends (LF or CRLF); trailing blank lines are dropped."""
+    """The file's lines without line ends (LF or CRLF); trailing blank lines are dropped.
+
+    Only LF ends a line: ``str.splitlines`` would also split at characters such as NEL (byte
+    0x85 in latin-1, the cp1252 ellipsis found in Book-Crossing titles) and shift line numbers.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -58,7 +62,7 @@ def read_lines(path: Path, encoding: str) -> list[str]:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: bytes that are not valid {encoding} text") from None
-    lines = text.splitlines()
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:

@@ -16,6 +16,10 @@ Planted structure:
 - item popularity has a long tail, so items with at most 10 kept ratings exist;
 - about 20 % of users start rating after the other users' main period, so they fall after the
   80 % time split (new users); all four scenario codes occur.
+
+:func:`write_synthetic_bookcrossing` writes the Book-Crossing dump's three files the same way
+(user types tied to age and country, items' appeal tied to author, publisher and decade, ratings
+1-10 plus implicit 0s) with a little of the real dump's damage (see its docstring).
 """
 from __future__ import annotations
 
@@ -158,3 +162,91 @@ def write_synthetic_movielens(raw_dir: Path, n_users: int = 6040, seed: int = 10
                   ratings["rating"].tolist(), ratings["timestamp"].tolist())
     rating_lines = [f"{u}::{i}::{r}::{t}" for u, i, r, t in columns]
     (raw_dir / "ratings.dat").write_text("\n".join(rating_lines) + "\n", encoding="latin-1")
+
+
+BX_COUNTRIES = ("usa", "canada", "united kingdom", "germany", "spain", "australia")
+BX_RARE_COUNTRIES = ("kenya", "iceland")
+BX_AGE_CENTRES = (16, 22, 30, 40, 50, 60, 70)
+BX_IMPLICIT_PROBABILITY = 0.3
+BX_ITEMS_PER_USER = 1.2
+BX_HEADERS = {
+    "BX-Users.csv": '"User-ID";"Location";"Age"',
+    "BX-Books.csv": '"ISBN";"Book-Title";"Book-Author";"Year-Of-Publication";"Publisher";'
+                    '"Image-URL-S";"Image-URL-M";"Image-URL-L"',
+    "BX-Book-Ratings.csv": '"User-ID";"ISBN";"Book-Rating"',
+}
+
+
+def bx_user_line(rng: np.random.Generator, user_id: int, user_type: int) -> str:
+    """One BX-Users.csv record: age and country follow the type most of the time; some damage."""
+    follows = rng.random(2) < 0.75
+    country = BX_COUNTRIES[user_type if follows[0] else rng.integers(len(BX_COUNTRIES))]
+    if user_id % 29 == 0:
+        country = BX_RARE_COUNTRIES[user_id % 2]
+    location = "n/a, n/a, " if user_id % 31 == 0 else f"town {user_id % 7}, region &amp; co, {country}"
+    centre = BX_AGE_CENTRES[user_type if follows[1] else rng.integers(len(BX_AGE_CENTRES))]
+    age = "NULL" if user_id % 9 == 0 else f'"{(0, 150)[user_id % 2] if user_id % 43 == 0 else centre + rng.integers(-2, 3)}"'
+    return f'"{user_id}";"{location}";{age}'
+
+
+def bx_isbn(index: int) -> str:
+    """A 10-character ISBN for item ``index``; every seventh ends in X."""
+    return f"{100_000_000 + index:09d}" + ("X" if index % 7 == 0 else str(index % 10))
+
+
+def bx_book_line(index: int, author: int, publisher: int, year: int) -> str:
+    """One BX-Books.csv record; item 1's title swallows its author's quote (the dump's damage)."""
+    isbn = bx_isbn(index)
+    year_text = "0" if index % 23 == 4 else ("2030" if index % 47 == 6 else str(year))
+    publisher_name = "Simon &amp; Schuster" if publisher == 0 else f"Publisher {publisher}"
+    urls = ";".join(f'"http://images.example/{isbn}.{size}.jpg"' for size in "SML")
+    if index == 1:
+        return f'"{isbn}";"Readers (Level 4)\\";Author {author}";"{year_text}";"{publisher_name}";{urls}'
+    return f'"{isbn}";"Book {index}; a &quot;story&quot;";"Author {author}";"{year_text}";"{publisher_name}";{urls}'
+
+
+def write_synthetic_bookcrossing(raw_dir: Path, n_users: int = 6040, seed: int = 100) -> None:
+    """Write ``BX-Users.csv``, ``BX-Books.csv``, ``BX-Book-Ratings.csv`` (latin-1) into ``raw_dir``.
+
+    Structure: users of N_TYPES types (age and country follow the type 75 % of the time); each
+    item's appeal per type is a function of its author, publisher and decade; rating =
+    clip(round(7 + user bias + 1.6 * appeal + noise), 1, 10). Damage planted as in the real dump:
+    HTML entities, NULL and out-of-range ages, years 0 and 2030, implicit 0 ratings, ratings of
+    ISBNs without a book row, lower-case ISBNs, one book line with ``\\";`` (repairable) and 20 %
+    more users without any rating. Deterministic for a given ``(n_users, seed)``.
+    """
+    if n_users < 10:
+        raise ValueError(f"n_users = {n_users}, expected at least 10")
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n_items = max(100, round(BX_ITEMS_PER_USER * n_users))
+    n_authors, n_publishers = max(5, n_items // 4), 12
+    user_type = rng.integers(0, N_TYPES, n_users + n_users // 5)
+    author = np.minimum(rng.zipf(1.5, n_items) - 1, n_authors - 1)
+    publisher = rng.integers(0, n_publishers, n_items)
+    year = np.clip(np.round(2004 - rng.gamma(2.0, 8.0, n_items)), 1930, 2004).astype(np.int64)
+    decade = (year - 1930) // 10
+    appeal = (rng.normal(0, 1.0, (N_TYPES, n_authors))[:, author] + rng.normal(0, 0.6, (N_TYPES, n_publishers))[:, publisher]
+              + rng.normal(0, 0.6, (N_TYPES, decade.max() + 1))[:, decade] + rng.normal(0, 0.2, (N_TYPES, n_items)))
+    appeal = (appeal - appeal.mean()) / appeal.std()
+    popularity = rng.permutation(np.arange(1, n_items + 1) ** -0.8)
+    popularity /= popularity.sum()
+    bias = rng.normal(0, 0.5, n_users)
+
+    user_lines = [bx_user_line(rng, u + 1, int(t)) for u, t in enumerate(user_type)]
+    book_lines = [bx_book_line(i, int(author[i]), int(publisher[i]), int(year[i])) for i in range(n_items)]
+    rating_lines = []
+    for user in range(n_users):
+        count = int(np.minimum(15 + rng.lognormal(np.log(20), 0.7), 0.6 * n_items))
+        for item in rng.choice(n_items, size=count, replace=False, p=popularity):
+            score = 7 + bias[user] + 1.6 * appeal[user_type[user], item] + rng.normal(0, 0.9)
+            rating = 0 if rng.random() < BX_IMPLICIT_PROBABILITY else int(np.clip(np.round(score), 1, 10))
+            isbn = bx_isbn(item).lower() if item % 5 == 0 else bx_isbn(item)
+            rating_lines.append(f'"{user + 1}";"{isbn}";"{rating}"')
+        if user % 11 == 0:
+            rating_lines.append(f'"{user + 1}";"99999999{user % 10}9";"{rng.integers(1, 11)}"')
+    for name, lines in (("BX-Users.csv", user_lines), ("BX-Books.csv", book_lines),
+                        ("BX-Book-Ratings.csv", rating_lines)):
+        text = "\r\n".join([BX_HEADERS[name], *lines]) + "\r\n"
+        (raw_dir / name).write_bytes(text.encode("latin-1"))
