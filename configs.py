@@ -25,7 +25,7 @@ config_settings = {
     "random_state": 100,  # seed of the train/test user split (data preparation)
     "activation": "leaky_relu",  # hidden activation: leaky_relu (slope 0.1) or relu
     # --- settings added by this implementation ---
-    "dataset": "movielens",  # movielens | movielens-100k | synthetic | bookcrossing
+    "dataset": "movielens",  # movielens | movielens-100k | synthetic | bookcrossing | synthetic-bookcrossing
     "data_dir": "data/processed/{dataset}",  # processed tasks (made by data_prep if missing)
     "raw_dir": "data/raw/{dataset}",  # raw files for data_prep
     "download": False,  # let mamoRec.py download missing raw MovieLens files

@@ -213,7 +213,7 @@ def run(cfg, resume=False):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", help="movielens | movielens-100k | synthetic | bookcrossing")
+    parser.add_argument("--dataset", help="movielens | movielens-100k | synthetic | bookcrossing | synthetic-bookcrossing")
     parser.add_argument("--data-dir", help="processed tasks folder (default from configs.py)")
     parser.add_argument("--raw-dir", help="raw data folder for data_prep")
     parser.add_argument("--run-dir", help="output folder (default runs/<dataset>)")
