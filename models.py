@@ -260,16 +260,27 @@ class LowRankLinear:
         self.base, self.bias = base, bias
         self.rows = self.deltas = None
 
-    def forward(self, x):
-        """x [B, n, in] -> x W_b^T + bias_b: [B, n, out]."""
-        out = x @ self.base.t() if self.base.dim() == 2 else torch.bmm(x, self.base.transpose(1, 2))
+    def base_forward(self, x):
+        """x [B, n, in] -> x base_b^T: [B, n, out]."""
+        if self.base.dim() == 3:
+            return torch.bmm(x, self.base.transpose(1, 2))
+        n_users, n, width = x.shape
+        return (x.reshape(n_users * n, width) @ self.base.t()).view(n_users, n, -1)
+
+    def forward(self, x, base_out=None):
+        """x [B, n, in] -> x W_b^T + bias_b: [B, n, out]. base_out: base_forward(x) if already known."""
+        out = self.base_forward(x) if base_out is None else base_out
         if self.rows is not None:
             out = out + torch.bmm(torch.bmm(x, self.rows.transpose(1, 2)), self.deltas)
         return out + self.bias.unsqueeze(1)
 
     def input_grad(self, out_grad):
         """d/dx of sum(out_grad * forward(x)): out_grad [B, n, out] -> [B, n, in]."""
-        grad_in = out_grad @ self.base if self.base.dim() == 2 else torch.bmm(out_grad, self.base)
+        if self.base.dim() == 3:
+            grad_in = torch.bmm(out_grad, self.base)
+        else:
+            n_users, n, n_out = out_grad.shape
+            grad_in = (out_grad.reshape(n_users * n, n_out) @ self.base).view(n_users, n, -1)
         if self.rows is not None:
             grad_in = grad_in + torch.bmm(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows)
         return grad_in
@@ -322,22 +333,23 @@ class BatchedEngine:
                 layers[prefix].append((name, LowRankLinear(base, bias), activated))
         return layers
 
-    def forward(self, layers, profiles, item_profiles):
-        """profiles [B, D_u], item_profiles [B, n, D_i] -> (outputs [B, n, n_y], tape).
+    def forward(self, layers, profiles, item_profiles, item_base_out):
+        """profiles [B, D_u], item_profiles [B, n, D_i], item_base_out: the first item layer's
+        base output for these rows [B, n, out] -> (outputs [B, n, n_y], tape).
         tape: {stack: [(layer name, layer, input, pre-activation, activated)]}."""
         activation = self.config["activation"]
         tape = {}
 
-        def run(prefix, h):
+        def run(prefix, h, first_base_out=None):
             tape[prefix] = []
-            for name, layer, activated in layers[prefix]:
-                z = layer.forward(h)
+            for depth, (name, layer, activated) in enumerate(layers[prefix]):
+                z = layer.forward(h, first_base_out if depth == 0 else None)
                 tape[prefix].append((name, layer, h, z, activated))
                 h = activate(z, activation) if activated else z
             return h
 
         e_u = run("user", profiles.unsqueeze(1))
-        e_i = run("item", item_profiles)
+        e_i = run("item", item_profiles, item_base_out)
         return run("rec", torch.cat([e_u.expand(-1, e_i.shape[1], -1), e_i], -1)), tape
 
     def backward(self, tape, out_grad, profile_grads=True):
@@ -363,25 +375,32 @@ class BatchedEngine:
         profile_grad = back("user", rec_in[..., :d].sum(1, keepdim=True))
         return grads, None if profile_grad is None else profile_grad.squeeze(1), item_grad
 
-    def adapt(self, layers, profiles, item_profiles, targets):
-        """Local update on the support rows of item_profiles / targets (in place on `layers`)."""
+    def adapt(self, layers, profiles, item_profiles, item_base_out, targets):
+        """Local update on the support rows of item_profiles / item_base_out / targets (in place on `layers`)."""
         cfg, model = self.config, self.model
         for rows in support_batches(item_profiles.shape[1], cfg["batch_size"], cfg["n_inner_loop"]):
-            outputs, tape = self.forward(layers, profiles, item_profiles[:, rows])
+            outputs, tape = self.forward(layers, profiles, item_profiles[:, rows], item_base_out[:, rows])
             grads, _, _ = self.backward(tape, model.output_grad(outputs, targets[:, rows]), profile_grads=False)
             sq_norm = sum(grad_sq_norm(x, g) for _, _, x, g in grads)
             step_scale = -cfg["rho"] * clip_scale(sq_norm, cfg["grad_clip"])
             for _, layer, x, g in grads:
                 layer.step(x, g, step_scale)
 
+    def adapted_query(self, batch, profiles, item_profiles, attention):
+        """Adapt every user on its support rows, then run its query rows -> (layers, outputs, tape)."""
+        support = batch.support_size
+        targets = self.model.targets(batch.ratings)
+        layers = self.initial_layers(attention, profiles.shape[0])
+        item_base_out = layers["item"][0][1].base_forward(item_profiles)  # phi_i is shared: once for all rows
+        self.adapt(layers, profiles, item_profiles[:, :support], item_base_out[:, :support], targets[:, :support])
+        outputs, tape = self.forward(layers, profiles, item_profiles[:, support:], item_base_out[:, support:])
+        return layers, outputs, tape
+
     def meta_gradients(self, batch, profiles, item_profiles, attention):
         model, cfg = self.model, self.config
         n_users, support = profiles.shape[0], batch.support_size
-        targets = model.targets(batch.ratings)
-        layers = self.initial_layers(attention, n_users)
-        self.adapt(layers, profiles, item_profiles[:, :support], targets[:, :support])
-        outputs, tape = self.forward(layers, profiles, item_profiles[:, support:])
-        query_targets = targets[:, support:]
+        layers, outputs, tape = self.adapted_query(batch, profiles, item_profiles, attention)
+        query_targets = model.targets(batch.ratings[:, support:])
         grads, profile_grad, item_grad = self.backward(tape, model.output_grad(outputs, query_targets))
         phi_grads, user_grads = {}, {}
         for name, layer, x, g in grads:
@@ -403,11 +422,7 @@ class BatchedEngine:
         )
 
     def predict(self, batch, profiles, item_profiles, attention):
-        support = batch.support_size
-        targets = self.model.targets(batch.ratings)
-        layers = self.initial_layers(attention, profiles.shape[0])
-        self.adapt(layers, profiles, item_profiles[:, :support], targets[:, :support])
-        return self.forward(layers, profiles, item_profiles[:, support:])[0]
+        return self.adapted_query(batch, profiles, item_profiles, attention)[1]
 
 
 def make_engine(model, name="auto"):
