@@ -3,8 +3,8 @@
 Generates synthetic raw data in the ML-1M format (6,040 users by default), prepares it, then
 measures with the default configuration: preparation time and output size, one full epoch
 (train every training user + evaluate every test user), meta-training and evaluation users per
-second, the same work on a subset through the sequential path (users_per_step = 1, one test user
-at a time) and the batched path, and peak resident memory sampled user batch by user batch.
+second, the same work on a subset through the reference engine (torch.func, one user at a time),
+the sequential path (batched engine, users_per_step = 1, one test user at a time) and the batched path, and peak resident memory sampled user batch by user batch.
 """
 import argparse
 import copy
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import config_settings  # noqa: E402
 from data_prep.prepare_data import prepare  # noqa: E402
 from mamoRec import MAMRec, load_data  # noqa: E402
-from models import meta_train_step, predict_query  # noqa: E402
+from models import make_engine, meta_train_step, predict_query  # noqa: E402
 from utils import resolve_device, select_users  # noqa: E402
 
 
@@ -117,15 +117,20 @@ def main(argv=None):
     subset = min(args.subset, n_train, n_test)
     users = trainer.user_order(2)[:subset]
     comparison = {}
-    for label, step, eval_batch in (("sequential", 1, 1), ("batched", cfg["users_per_step"], cfg["eval_batch_users"])):
+    paths = (("reference", "reference", 1, 1), ("sequential", "batched", 1, 1),
+             ("batched", "batched", cfg["users_per_step"], cfg["eval_batch_users"]))
+    for label, engine, step, eval_batch in paths:
+        trainer.engine = make_engine(trainer.model, engine)
         t_train = timed_training(trainer, users, step, device)
         t_eval, _ = timed_evaluation(trainer, subset, eval_batch, device)
-        comparison[label] = {"users": subset, "train_users_per_second": subset / t_train,
-                             "eval_users_per_second": subset / t_eval}
+        comparison[label] = {"engine": engine, "users_per_step": step, "users": subset,
+                             "train_users_per_second": subset / t_train, "eval_users_per_second": subset / t_eval}
     comparison["train_speedup"] = (comparison["batched"]["train_users_per_second"]
                                    / comparison["sequential"]["train_users_per_second"])
     comparison["eval_speedup"] = (comparison["batched"]["eval_users_per_second"]
                                   / comparison["sequential"]["eval_users_per_second"])
+    comparison["train_speedup_over_reference"] = (comparison["batched"]["train_users_per_second"]
+                                                  / comparison["reference"]["train_users_per_second"])
     results["sequential_vs_batched"] = comparison
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     text = json.dumps(results, indent=2)
