@@ -160,18 +160,22 @@ def test_batched_engine_matches_reference_in_float32():
     assert_same_state(snapshot(models[0]), snapshot(models[1]), atol=1e-5)
 
 
-def test_users_per_step_one_is_sequential_users():
-    """Two batches of one user = the sequential algorithm: the second user reads the first's writes."""
-    cfg = small_config(meta_optimizer="sgd", lambda_=None)
-    model = build(cfg)
-    engine = make_engine(model, "batched")
-    optimizer = torch.optim.SGD(model.meta_parameters(), lr=cfg["lambda"])
-    profile_memory = model.memories.profile.clone()
+def test_two_batches_of_one_differ_from_one_batch_of_two():
+    """With one user per step the second user reads the memories the first wrote (sequential
+    algorithm); in a batch of two both read the memories as they stood at the batch start."""
+    cfg = small_config(meta_optimizer="sgd")
     batch = random_batch(2)
-    first = type(batch)(batch.user_codes[:1], {k: v[:1] for k, v in batch.item_features.items()},
-                        batch.ratings[:1], batch.scenarios[:1], batch.support_size)
-    meta_train_step(model, engine, first, optimizer)
-    assert not torch.equal(model.memories.profile, profile_memory)
+
+    def users(index):
+        return type(batch)(batch.user_codes[index], {k: v[index] for k, v in batch.item_features.items()},
+                           batch.ratings[index], batch.scenarios[index], batch.support_size)
+
+    sequential, together = build(cfg), build(cfg)
+    for model, steps in ((sequential, [users(slice(0, 1)), users(slice(1, 2))]), (together, [batch])):
+        optimizer = torch.optim.SGD(model.meta_parameters(), lr=cfg["lambda"])
+        for step in steps:
+            meta_train_step(model, make_engine(model, "batched"), step, optimizer)
+    assert not torch.allclose(sequential.memories.profile, together.memories.profile)
 
 
 def test_evaluation_changes_nothing():
