@@ -4,14 +4,16 @@ Parameters are split in two:
 - psi: the input loading (shared feature embeddings), global and never adapted per user;
 - phi: the global values of theta = (theta_u, theta_i, theta_r), named like `user.layers.0.weight`.
 
-For a batch of users (`utils.TaskBatch`) every user starts from its own theta (phi - tao * b_u, and its task-memory
-mem_layer weight), adapts it on its support set and is scored on its query set; no shared state is
-mutated until the batch's global step and memory writes. Two engines compute the same thing:
+For a batch of users (`utils.TaskBatch`) every user starts from its own theta (phi - tao * b_u,
+and its task-memory mem_layer weight), adapts it on its support set and is scored on its query
+set; no shared state is mutated until the batch's global step and memory writes. Two engines
+compute the same thing:
 - `ReferenceEngine`: one user at a time with `torch.func.functional_call` and `torch.func.grad`,
   written for reading. Supports Adam local updates and second-order meta-gradients.
 - `BatchedEngine`: all users of a batch at once. With plain gradient descent each local step
-  changes a linear layer by a low-rank update (-rho * kappa * dz^T x), so per-user weights are
-  never materialised: a layer's weight is a mixture of shared matrices plus its update history.
+  changes a linear layer by a low-rank update (-rho * kappa * dz^T x), so a layer is kept as its
+  initial weight (shared phi, or the user's memory mixture formed once per batch) plus the
+  history of those updates; no weight is copied or rewritten per step.
 Tests check that both give the same numbers.
 """
 from dataclasses import dataclass

@@ -339,7 +339,6 @@ class TaskBatch:
 def tasks_to_batch(manifest, tasks):
     """Stack task dicts (FORMAT.md) into one `TaskBatch` over all of them, in the given
     order. Multi-hot fields become [U, N, L] active indices padded with the field's size."""
-
     if not tasks:
         raise ValueError("no tasks to load")
     support_size = len(tasks[0]["support"]["ratings"])

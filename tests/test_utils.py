@@ -125,3 +125,27 @@ def test_atomic_write_missing_directory_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         atomic_write_text(tmp_path / "missing" / "out.txt", "x")
     assert os.listdir(tmp_path) == []
+
+
+def test_tasks_to_batch_stacks_support_then_query_and_pads_multi_hot():
+    from utils import select_users, tasks_to_batch
+
+    manifest = {"features": {"user": [{"name": "gender", "kind": "categorical", "size": 2}],
+                             "item": [{"name": "year", "kind": "categorical", "size": 3},
+                                      {"name": "genre", "kind": "multi_hot", "size": 4}]}}
+
+    def task(user, ratings, genres):
+        def part(rows):
+            return {"ratings": [ratings[i] for i in rows], "scenarios": [i % 4 for i in rows],
+                    "item_features": {"year": [i % 3 for i in rows], "genre": [genres[i] for i in rows]}}
+        return {"user_features": [user], "support": part([0, 1]), "query": part([2])}
+
+    batch = tasks_to_batch(manifest, [task(1, [5, 4, 3], [[0], [1, 2], []]), task(0, [1, 2, 3], [[3], [0], [2]])])
+    assert batch.support_size == 2
+    assert batch.user_codes.tolist() == [[1], [0]]
+    assert batch.ratings.tolist() == [[5, 4, 3], [1, 2, 3]]
+    assert batch.item_features["year"].tolist() == [[0, 1, 2], [0, 1, 2]]
+    # widest row has 2 genres; padding index = vocabulary size 4
+    assert batch.item_features["genre"].tolist() == [[[0, 4], [1, 2], [4, 4]], [[3, 4], [0, 4], [2, 4]]]
+    second = select_users(batch, torch.tensor([1]))
+    assert second.ratings.tolist() == [[1, 2, 3]] and second.support_size == 2
