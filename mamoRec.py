@@ -182,10 +182,10 @@ def write_epochs_csv(path, epochs):
 def run(cfg, resume=False):
     """The whole experiment: prepare/load data, train MAMO (and the ablation), write the outputs."""
     device = resolve_device(cfg["device"])
+    manifest, train, test = load_data(cfg)
     run_dir = Path(cfg["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg)
-    manifest, train, test = load_data(cfg)
     print(f"{manifest['dataset']}: {train.ratings.shape[0]} training users, {test.ratings.shape[0]} test users, "
           f"device {device}", file=sys.stderr)
     trainer = MAMRec(cfg, manifest, train, test, run_dir, device)

@@ -86,3 +86,4 @@ def test_missing_data_explains_how_to_get_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "--download" in err and "--dataset synthetic" in err
+    assert not (tmp_path / "run").exists()
