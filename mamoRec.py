@@ -22,7 +22,7 @@ from data_prep.prepare_data import prepare
 from data_prep.raw_io import DataError
 from data_prep.task_io import load_processed
 from models import MAMO, make_engine, meta_train_step, predict_query
-from utils import (SCENARIOS, SUBSETS, atomic_write_json, atomic_write_text, batch_to, evaluation_table,
+from utils import (SUBSETS, atomic_write_json, atomic_write_text, batch_to, evaluation_table,
                    expected_rating, format_results, point_prediction, resolve_device, seed_everything,
                    select_users, tasks_to_batch)
 

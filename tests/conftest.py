@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny feature schema, random task batches and a small config."""
 import copy
+import functools
+import http.server
+import threading
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,18 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture
+def server(tmp_path):
+    """Serve ``tmp_path / 'site'`` on 127.0.0.1; yields (site folder, base URL)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield site, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()

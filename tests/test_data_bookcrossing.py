@@ -12,7 +12,6 @@ from data_prep.download import manual_instructions
 from data_prep.prepare_data import main, prepare
 from data_prep.raw_io import DataError
 from data_prep.task_io import load_processed
-from tests.test_data_download import server  # noqa: F401 (fixture)
 
 USERS = [
     '"User-ID";"Location";"Age"',

@@ -1,10 +1,7 @@
 """--download against a local http.server on 127.0.0.1 (never the network)."""
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import threading
 import zipfile
 
 import pytest
@@ -14,21 +11,6 @@ from data_prep.prepare_data import prepare
 from tests.data_helpers import write_ml1m
 
 RATINGS = [(u, 10 + k, 3, 1000 * u + k) for u in (1, 2, 3) for k in range(4)]
-
-
-@pytest.fixture
-def server(tmp_path):
-    """Serve ``tmp_path / 'site'`` on 127.0.0.1; yields (site folder, base URL)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield site, f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def publish_ml1m(site, tmp_path, members=None):
