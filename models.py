@@ -327,9 +327,10 @@ class BatchedEngine:
                 name = f"{prefix}.layers.{j}"
                 base, bias = layer.weight.detach(), layer.bias.detach().expand(n_users, -1)
                 if prefix == "user" and cfg["feature_memory"]:
-                    slots = model.memories.embedding
-                    base = base - cfg["tao"] * torch.einsum("bk,koi->boi", attention, slots[f"{name}.weight"])
-                    bias = bias - cfg["tao"] * attention @ slots[f"{name}.bias"]
+                    slots, weights = model.memories.embedding, -cfg["tao"] * attention
+                    base = torch.addmm(base.reshape(1, -1), weights, slots[f"{name}.weight"].flatten(1)).view(
+                        n_users, *base.shape)
+                    bias = torch.addmm(bias, weights, slots[f"{name}.bias"])
                 if f"{name}.weight" == MEM_WEIGHT and cfg["task_memory"]:
                     base = model.memories.task_weight(attention)
                 layers[prefix].append((name, LowRankLinear(base, bias), activated))
