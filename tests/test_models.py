@@ -60,12 +60,13 @@ def test_initial_theta_is_phi_minus_tao_bias_and_task_memory_weight():
 
 
 def plain_local_update(model, theta, profile, item_profiles, targets, cfg):
-    """Local update with an nn.Module copy, torch.optim.SGD and clip_grad_norm_ (independent of models.py)."""
+    """Local update with an nn.Module copy, torch.optim (SGD or Adam) and clip_grad_norm_ (independent of models.py)."""
     net = copy.deepcopy(model.theta_net)
     with torch.no_grad():
         for name, p in net.named_parameters():
             p.copy_(theta[name])
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg["rho"])
+    optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+    optimizer = optimizers[cfg["local_optimizer"]](net.parameters(), lr=cfg["rho"])
     for rows in support_batches(item_profiles.shape[0], cfg["batch_size"], cfg["n_inner_loop"]):
         optimizer.zero_grad()
         model.loss(net(profile, item_profiles[rows]), targets[rows]).backward()
@@ -74,10 +75,11 @@ def plain_local_update(model, theta, profile, item_profiles, targets, cfg):
     return net
 
 
-@pytest.mark.parametrize("engine_name", ["reference", "batched"])
+@pytest.mark.parametrize("engine_name,local_optimizer", [("reference", "sgd"), ("batched", "sgd"),
+                                                         ("reference", "adam")])
 @pytest.mark.parametrize("grad_clip", [5.0, 0.05])
-def test_local_update_matches_torch_sgd_with_clipping(engine_name, grad_clip):
-    cfg = small_config(grad_clip=grad_clip)
+def test_local_update_matches_torch_optimizers_with_clipping(engine_name, local_optimizer, grad_clip):
+    cfg = small_config(grad_clip=grad_clip, local_optimizer=local_optimizer)
     model = build(cfg)
     batch = random_batch(3)
     engine = make_engine(model, engine_name)
