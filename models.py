@@ -255,11 +255,15 @@ class LowRankLinear:
 
     base is [out, in] when shared by all users (phi) or [B, out, in] when personalised (memory
     mixtures, formed once per batch). Each local step appends its input rows X_s [B, m, in] and
-    scaled output gradients D_s [B, m, out]: the update -rho * kappa * dz^T x is never materialised.
+    scaled output gradients D_s [B, m, out] to buffers of `capacity` rows: the update
+    -rho * kappa * dz^T x is never materialised.
     """
 
-    def __init__(self, base, bias):
+    def __init__(self, base, bias, capacity):
         self.base, self.bias = base, bias
+        n_users, (n_out, n_in) = bias.shape[0], base.shape[-2:]
+        self.row_buffer = bias.new_empty(n_users, capacity, n_in)
+        self.delta_buffer = bias.new_empty(n_users, capacity, n_out)
         self.rows = self.deltas = None
 
     def base_forward(self, x):
@@ -290,9 +294,11 @@ class LowRankLinear:
     def step(self, x, out_grad, step_scale):
         """theta <- theta + step_scale * grad, grad_W = out_grad^T x, grad_b = sum of out_grad rows.
         x [B, m, in], out_grad [B, m, out], step_scale [B] (= -rho * clip factor)."""
-        deltas = out_grad * step_scale.view(-1, 1, 1)
-        self.rows = x if self.rows is None else torch.cat([self.rows, x], 1)
-        self.deltas = deltas if self.deltas is None else torch.cat([self.deltas, deltas], 1)
+        start = 0 if self.rows is None else self.rows.shape[1]
+        end = start + x.shape[1]
+        self.row_buffer[:, start:end] = x
+        torch.mul(out_grad, step_scale.view(-1, 1, 1), out=self.delta_buffer[:, start:end])
+        self.rows, self.deltas = self.row_buffer[:, :end], self.delta_buffer[:, :end]
         self.bias = self.bias + step_scale.view(-1, 1) * out_grad.sum(1)
 
     def weight(self):
@@ -317,9 +323,11 @@ class BatchedEngine:
                              "use the reference engine for Adam or second-order updates")
         self.model, self.config = model, cfg
 
-    def initial_layers(self, attention, n_users):
-        """{stack name: [(layer name, LowRankLinear, activated)]} at the personalised initial theta."""
+    def initial_layers(self, attention, n_users, support_size):
+        """{stack name: [(layer name, LowRankLinear, activated)]} at the personalised initial theta,
+        with room for the update history of a local update on support_size rows."""
         model, cfg = self.model, self.config
+        n_steps = len(support_batches(support_size, cfg["batch_size"], cfg["n_inner_loop"]))
         layers = {}
         for prefix, stack in model.theta_net.stacks():
             layers[prefix] = []
@@ -333,7 +341,8 @@ class BatchedEngine:
                     bias = torch.addmm(bias, weights, slots[f"{name}.bias"])
                 if f"{name}.weight" == MEM_WEIGHT and cfg["task_memory"]:
                     base = model.memories.task_weight(attention)
-                layers[prefix].append((name, LowRankLinear(base, bias), activated))
+                rows_per_step = 1 if prefix == "user" else cfg["batch_size"]
+                layers[prefix].append((name, LowRankLinear(base, bias, rows_per_step * n_steps), activated))
         return layers
 
     def forward(self, layers, profiles, item_profiles, item_base_out):
@@ -393,7 +402,7 @@ class BatchedEngine:
         """Adapt every user on its support rows, then run its query rows -> (layers, outputs, tape)."""
         support = batch.support_size
         targets = self.model.targets(batch.ratings)
-        layers = self.initial_layers(attention, profiles.shape[0])
+        layers = self.initial_layers(attention, profiles.shape[0], support)
         item_base_out = layers["item"][0][1].base_forward(item_profiles)  # phi_i is shared: once for all rows
         self.adapt(layers, profiles, item_profiles[:, :support], item_base_out[:, :support], targets[:, :support])
         outputs, tape = self.forward(layers, profiles, item_profiles[:, support:], item_base_out[:, support:])
