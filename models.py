@@ -253,14 +253,15 @@ def adam_update(theta, grads, state, step, lr, betas=(0.9, 0.999), eps=1e-8):
 class LowRankLinear:
     """One linear layer for B users: W_b = base_b + sum_s D_s[b]^T X_s[b], bias_b dense.
 
-    base is [out, in] when shared by all users (phi) or [B, out, in] when personalised (memory
-    mixtures, formed once per batch). Each local step appends its input rows X_s [B, m, in] and
-    scaled output gradients D_s [B, m, out] to buffers of `capacity` rows: the update
-    -rho * kappa * dz^T x is never materialised.
+    base_b is one of: `base` [out, in] shared by all users (phi); `base` [B, out, in] per user;
+    or, with `coef` [B, J], the mixture sum_j coef[b, j] * base[j] of J shared matrices
+    [J, out, in] (cheaper than per-user matrices when a user has few rows per step). Each local
+    step appends its input rows X_s [B, m, in] and scaled output gradients D_s [B, m, out] to
+    buffers of `capacity` rows: the update -rho * kappa * dz^T x is never materialised.
     """
 
-    def __init__(self, base, bias, capacity):
-        self.base, self.bias = base, bias
+    def __init__(self, base, bias, capacity, coef=None):
+        self.base, self.bias, self.coef = base, bias, coef
         n_users, (n_out, n_in) = bias.shape[0], base.shape[-2:]
         self.row_buffer = bias.new_empty(n_users, capacity, n_in)
         self.delta_buffer = bias.new_empty(n_users, capacity, n_out)
@@ -268,9 +269,13 @@ class LowRankLinear:
 
     def base_forward(self, x):
         """x [B, n, in] -> x base_b^T: [B, n, out]."""
+        n_users, n, width = x.shape
+        if self.coef is not None:
+            n_bases, n_out = self.base.shape[:2]
+            per_base = (x.reshape(n_users * n, width) @ self.base.reshape(-1, width).t()).view(n_users, n, n_bases, n_out)
+            return (per_base * self.coef.view(n_users, 1, n_bases, 1)).sum(2)
         if self.base.dim() == 3:
             return torch.bmm(x, self.base.transpose(1, 2))
-        n_users, n, width = x.shape
         return (x.reshape(n_users * n, width) @ self.base.t()).view(n_users, n, -1)
 
     def forward(self, x, base_out=None):
@@ -282,10 +287,13 @@ class LowRankLinear:
 
     def input_grad(self, out_grad):
         """d/dx of sum(out_grad * forward(x)): out_grad [B, n, out] -> [B, n, in]."""
-        if self.base.dim() == 3:
+        n_users, n, n_out = out_grad.shape
+        if self.coef is not None:
+            mixed = out_grad.unsqueeze(2) * self.coef.view(n_users, 1, -1, 1)
+            grad_in = (mixed.reshape(n_users * n, -1) @ self.base.reshape(-1, self.base.shape[-1])).view(n_users, n, -1)
+        elif self.base.dim() == 3:
             grad_in = torch.bmm(out_grad, self.base)
         else:
-            n_users, n, n_out = out_grad.shape
             grad_in = (out_grad.reshape(n_users * n, n_out) @ self.base).view(n_users, n, -1)
         if self.rows is not None:
             grad_in = grad_in + torch.bmm(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows)
@@ -303,8 +311,11 @@ class LowRankLinear:
 
     def weight(self):
         """Dense per-user weights [B, out, in]."""
-        dense = self.base.expand(self.bias.shape[0], *self.base.shape[-2:])
-        return dense if self.rows is None else dense + torch.bmm(self.deltas.transpose(1, 2), self.rows)
+        if self.coef is not None:
+            dense = torch.einsum("bj,joi->boi", self.coef, self.base)
+        else:
+            dense = self.base.expand(self.bias.shape[0], *self.base.shape[-2:])
+        return dense if self.rows is None else torch.baddbmm(dense, self.deltas.transpose(1, 2), self.rows)
 
 
 def grad_sq_norm(x, out_grad):
@@ -333,16 +344,16 @@ class BatchedEngine:
             layers[prefix] = []
             for j, (layer, activated) in enumerate(zip(stack.layers, stack.activated)):
                 name = f"{prefix}.layers.{j}"
-                base, bias = layer.weight.detach(), layer.bias.detach().expand(n_users, -1)
+                base, bias, coef = layer.weight.detach(), layer.bias.detach().expand(n_users, -1), None
                 if prefix == "user" and cfg["feature_memory"]:
-                    slots, weights = model.memories.embedding, -cfg["tao"] * attention
-                    base = torch.addmm(base.reshape(1, -1), weights, slots[f"{name}.weight"].flatten(1)).view(
-                        n_users, *base.shape)
-                    bias = torch.addmm(bias, weights, slots[f"{name}.bias"])
+                    slots = model.memories.embedding
+                    base = torch.cat([base.unsqueeze(0), slots[f"{name}.weight"]])
+                    coef = torch.cat([attention.new_ones(n_users, 1), -cfg["tao"] * attention], 1)
+                    bias = torch.addmm(bias, -cfg["tao"] * attention, slots[f"{name}.bias"])
                 if f"{name}.weight" == MEM_WEIGHT and cfg["task_memory"]:
                     base = model.memories.task_weight(attention)
                 rows_per_step = 1 if prefix == "user" else cfg["batch_size"]
-                layers[prefix].append((name, LowRankLinear(base, bias, rows_per_step * n_steps), activated))
+                layers[prefix].append((name, LowRankLinear(base, bias, rows_per_step * n_steps, coef), activated))
         return layers
 
     def forward(self, layers, profiles, item_profiles, item_base_out):
