@@ -80,6 +80,7 @@ def main(argv=None):
     parser.add_argument("--n-users", type=int, default=6040)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--subset", type=int, default=256, help="users for the sequential-vs-batched comparison")
+    parser.add_argument("--users-per-step", type=int, help="override configs.py's users_per_step")
     parser.add_argument("--work-dir", help="where to put the synthetic data (default: a temporary folder)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -92,6 +93,8 @@ def main(argv=None):
     prepare_seconds = time.perf_counter() - started
     cfg = copy.deepcopy(config_settings)
     cfg.update(dataset="synthetic", data_dir=str(data_dir), device=str(device))
+    if args.users_per_step:
+        cfg["users_per_step"] = args.users_per_step
     manifest, train, test = load_data(cfg)
     results = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                            "threads": torch.get_num_threads(), "device": str(device),
