@@ -3,6 +3,7 @@
 Reads each RUN_DIR/metrics.json and prints, per subset (overall and the four scenarios) and
 method, MAE, RMSE and NDCG@3 as mean ± sample standard deviation over the runs.
 """
+import argparse
 import json
 import statistics
 import sys
@@ -37,4 +38,6 @@ def main(run_dirs):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", help="run folders holding metrics.json")
+    main(parser.parse_args().run_dirs)
