@@ -22,9 +22,9 @@ from data_prep.prepare_data import prepare
 from data_prep.raw_io import DataError
 from data_prep.task_io import load_processed
 from models import MAMO, make_engine, meta_train_step, predict_query
-from utils import (SUBSETS, atomic_write_json, atomic_write_text, batch_to, evaluation_table,
-                   expected_rating, format_results, point_prediction, resolve_device, seed_everything,
-                   select_users, tasks_to_batch)
+from utils import (SUBSETS, atomic_write_bytes, atomic_write_json, atomic_write_text, batch_to,
+                   evaluation_table, expected_rating, format_results, point_prediction, resolve_device,
+                   seed_everything, select_users, tasks_to_batch)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -145,9 +145,7 @@ class MAMRec:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        tmp = self.run_dir / f".{CHECKPOINT}.tmp"
-        tmp.write_bytes(buffer.getvalue())
-        tmp.replace(self.run_dir / CHECKPOINT)
+        atomic_write_bytes(self.run_dir / CHECKPOINT, buffer.getvalue())
 
     def load_checkpoint(self):
         """Continue from run_dir/checkpoint.pt if it exists; returns whether it did."""

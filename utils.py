@@ -290,8 +290,8 @@ def resolve_device(name: str) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 
 
-def atomic_write_text(path, text: str, encoding: str = "utf-8") -> None:
-    """Write `text` to `path` atomically: a temporary file in the same directory, then os.replace.
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` atomically: a temporary file in the same directory, then os.replace.
 
     Readers see the old file or the complete new one, never a partial write; the temporary file
     is removed if anything fails. The directory must exist. The new file's mode follows the umask.
@@ -301,8 +301,8 @@ def atomic_write_text(path, text: str, encoding: str = "utf-8") -> None:
     tmp_path = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding=encoding) as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
@@ -310,6 +310,11 @@ def atomic_write_text(path, text: str, encoding: str = "utf-8") -> None:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def atomic_write_text(path, text: str, encoding: str = "utf-8") -> None:
+    """`atomic_write_bytes` of `text` encoded with `encoding`."""
+    atomic_write_bytes(path, text.encode(encoding))
 
 
 def atomic_write_json(path, obj, indent: int = 2) -> None:
@@ -368,25 +373,22 @@ def tasks_to_batch(manifest, tasks):
     )
 
 
-def select_users(batch, index):
-    """The users `index` (LongTensor or slice) of a TaskBatch, as a TaskBatch."""
-
+def _map_batch(batch, transform):
+    """A TaskBatch with `transform` applied to every tensor of `batch`."""
     return TaskBatch(
-        user_codes=batch.user_codes[index],
-        item_features={name: value[index] for name, value in batch.item_features.items()},
-        ratings=batch.ratings[index],
-        scenarios=batch.scenarios[index],
+        user_codes=transform(batch.user_codes),
+        item_features={name: transform(value) for name, value in batch.item_features.items()},
+        ratings=transform(batch.ratings),
+        scenarios=transform(batch.scenarios),
         support_size=batch.support_size,
     )
+
+
+def select_users(batch, index):
+    """The users `index` (LongTensor or slice) of a TaskBatch, as a TaskBatch."""
+    return _map_batch(batch, lambda tensor: tensor[index])
 
 
 def batch_to(batch, device):
     """A TaskBatch moved to `device`."""
-
-    return TaskBatch(
-        user_codes=batch.user_codes.to(device),
-        item_features={name: value.to(device) for name, value in batch.item_features.items()},
-        ratings=batch.ratings.to(device),
-        scenarios=batch.scenarios.to(device),
-        support_size=batch.support_size,
-    )
+    return _map_batch(batch, lambda tensor: tensor.to(device))
