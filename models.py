@@ -145,8 +145,8 @@ class MetaGradients:
     phi_grads: dict  # theta name -> mean over users of d L_b / d theta (adapted), theta-shaped
     profile_grads: torch.Tensor  # [B, D_u]: d (mean_b L_b) / d p_u
     item_grads: torch.Tensor  # [B, N, D_i]: d (mean_b L_b) / d p_i (support rows zero if first order)
-    user_grads: dict  # user theta name -> [B, *shape]: g_u = d L_b / d adapted theta_u
-    mem_weights: torch.Tensor  # [B, 2d, 2d] adapted mem_layer weights (None without task memory)
+    user_grads: dict  # user theta name -> [B, *shape]: g_u = d L_b / d adapted theta_u (maybe factored)
+    mem_weights: object  # [B, 2d, 2d] adapted mem_layer weights, maybe factored (None without task memory)
 
 
 class ReferenceEngine:
@@ -250,18 +250,42 @@ def adam_update(theta, grads, state, step, lr, betas=(0.9, 0.999), eps=1e-8):
     return new_theta
 
 
+def outer_product_sum(weights, deltas, rows):
+    """sum_b weights[b, k] * deltas_b^T rows_b, without forming any per-user matrix.
+    weights [B, K], deltas [B, r, out], rows [B, r, in] -> [K, out, in]."""
+    n_users, rank, n_out = deltas.shape
+    n_slots, n_in = weights.shape[1], rows.shape[-1]
+    weighted = deltas.unsqueeze(2) * weights.view(n_users, 1, n_slots, 1)  # [B, r, K, out]
+    total = weighted.reshape(n_users * rank, n_slots * n_out).t() @ rows.reshape(n_users * rank, n_in)
+    return total.view(n_slots, n_out, n_in)
+
+
+class OuterProducts:
+    """Per-user matrices deltas_b^T rows_b [B, out, in], kept factored: the memory writes only
+    need their attention-weighted sums (`modules.memories.weighted_user_sum`)."""
+
+    def __init__(self, deltas, rows):
+        self.deltas, self.rows = deltas, rows
+
+    def weighted_sum(self, weights):
+        return outer_product_sum(weights, self.deltas, self.rows)
+
+
 class LowRankLinear:
     """One linear layer for B users: W_b = base_b + sum_s D_s[b]^T X_s[b], bias_b dense.
 
-    base_b is one of: `base` [out, in] shared by all users (phi); `base` [B, out, in] per user;
-    or, with `coef` [B, J], the mixture sum_j coef[b, j] * base[j] of J shared matrices
-    [J, out, in] (cheaper than per-user matrices when a user has few rows per step). Each local
-    step appends its input rows X_s [B, m, in] and scaled output gradients D_s [B, m, out] to
-    buffers of `capacity` rows: the update -rho * kappa * dz^T x is never materialised.
+    base_b is `base` [out, in] shared by all users (phi), or, with `coef` [B, J], the mixture
+    sum_j coef[b, j] * base[j] of J shared matrices [J, out, in]. A mixture is applied as one
+    GEMM against the J stacked matrices (cheaper when a user has few rows per step), or, with
+    `materialise`, formed once per user [B, out, in] (cheaper when the J-fold GEMM costs more
+    than reading B matrices). Each local step appends its input rows X_s [B, m, in] and scaled
+    output gradients D_s [B, m, out] to buffers of `capacity` rows: the update
+    -rho * kappa * dz^T x is never materialised.
     """
 
-    def __init__(self, base, bias, capacity, coef=None):
+    def __init__(self, base, bias, capacity, coef=None, materialise=False):
         self.base, self.bias, self.coef = base, bias, coef
+        self.user_base = torch.einsum("bj,joi->boi", coef, base) if materialise else None
         n_users, (n_out, n_in) = bias.shape[0], base.shape[-2:]
         self.row_buffer = bias.new_empty(n_users, capacity, n_in)
         self.delta_buffer = bias.new_empty(n_users, capacity, n_out)
@@ -270,12 +294,12 @@ class LowRankLinear:
     def base_forward(self, x):
         """x [B, n, in] -> x base_b^T: [B, n, out]."""
         n_users, n, width = x.shape
+        if self.user_base is not None:
+            return torch.bmm(x, self.user_base.transpose(1, 2))
         if self.coef is not None:
             n_bases, n_out = self.base.shape[:2]
             per_base = (x.reshape(n_users * n, width) @ self.base.reshape(-1, width).t()).view(n_users, n, n_bases, n_out)
             return (per_base * self.coef.view(n_users, 1, n_bases, 1)).sum(2)
-        if self.base.dim() == 3:
-            return torch.bmm(x, self.base.transpose(1, 2))
         return (x.reshape(n_users * n, width) @ self.base.t()).view(n_users, n, -1)
 
     def forward(self, x, base_out=None):
@@ -288,11 +312,11 @@ class LowRankLinear:
     def input_grad(self, out_grad):
         """d/dx of sum(out_grad * forward(x)): out_grad [B, n, out] -> [B, n, in]."""
         n_users, n, n_out = out_grad.shape
-        if self.coef is not None:
+        if self.user_base is not None:
+            grad_in = torch.bmm(out_grad, self.user_base)
+        elif self.coef is not None:
             mixed = out_grad.unsqueeze(2) * self.coef.view(n_users, 1, -1, 1)
             grad_in = (mixed.reshape(n_users * n, -1) @ self.base.reshape(-1, self.base.shape[-1])).view(n_users, n, -1)
-        elif self.base.dim() == 3:
-            grad_in = torch.bmm(out_grad, self.base)
         else:
             grad_in = (out_grad.reshape(n_users * n, n_out) @ self.base).view(n_users, n, -1)
         if self.rows is not None:
@@ -309,13 +333,13 @@ class LowRankLinear:
         self.rows, self.deltas = self.row_buffer[:, :end], self.delta_buffer[:, :end]
         self.bias = self.bias + step_scale.view(-1, 1) * out_grad.sum(1)
 
-    def weight(self):
-        """Dense per-user weights [B, out, in]."""
+    def weighted_sum(self, weights):
+        """sum_b weights[b, k] * W_b for weights [B, K] -> [K, out, in], from the factors."""
         if self.coef is not None:
-            dense = torch.einsum("bj,joi->boi", self.coef, self.base)
+            total = ((weights.t() @ self.coef) @ self.base.flatten(1)).view(-1, *self.base.shape[1:])
         else:
-            dense = self.base.expand(self.bias.shape[0], *self.base.shape[-2:])
-        return dense if self.rows is None else torch.baddbmm(dense, self.deltas.transpose(1, 2), self.rows)
+            total = weights.sum(0).view(-1, 1, 1) * self.base
+        return total if self.rows is None else total + outer_product_sum(weights, self.deltas, self.rows)
 
 
 def grad_sq_norm(x, out_grad):
@@ -350,15 +374,18 @@ class BatchedEngine:
                     base = torch.cat([base.unsqueeze(0), slots[f"{name}.weight"]])
                     coef = torch.cat([attention.new_ones(n_users, 1), -cfg["tao"] * attention], 1)
                     bias = torch.addmm(bias, -cfg["tao"] * attention, slots[f"{name}.bias"])
-                if f"{name}.weight" == MEM_WEIGHT and cfg["task_memory"]:
-                    base = model.memories.task_weight(attention)
+                materialise = f"{name}.weight" == MEM_WEIGHT and cfg["task_memory"]
+                if materialise:
+                    base, coef = model.memories.task, attention
                 rows_per_step = 1 if prefix == "user" else cfg["batch_size"]
-                layers[prefix].append((name, LowRankLinear(base, bias, rows_per_step * n_steps, coef), activated))
+                layers[prefix].append((name, LowRankLinear(base, bias, rows_per_step * n_steps, coef, materialise),
+                                       activated))
         return layers
 
-    def forward(self, layers, profiles, item_profiles, item_base_out):
-        """profiles [B, D_u], item_profiles [B, n, D_i], item_base_out: the first item layer's
-        base output for these rows [B, n, out] -> (outputs [B, n, n_y], tape).
+    def forward(self, layers, profiles, item_profiles, user_base_out, item_base_out):
+        """profiles [B, D_u], item_profiles [B, n, D_i]; user_base_out [B, 1, out], item_base_out
+        [B, n, out]: the first user and item layers' base outputs for these inputs, which the local
+        update does not change -> (outputs [B, n, n_y], tape).
         tape: {stack: [(layer name, layer, input, pre-activation, activated)]}."""
         activation = self.config["activation"]
         tape = {}
@@ -371,7 +398,7 @@ class BatchedEngine:
                 h = activate(z, activation) if activated else z
             return h
 
-        e_u = run("user", profiles.unsqueeze(1))
+        e_u = run("user", profiles.unsqueeze(1), user_base_out)
         e_i = run("item", item_profiles, item_base_out)
         return run("rec", torch.cat([e_u.expand(-1, e_i.shape[1], -1), e_i], -1)), tape
 
@@ -398,11 +425,11 @@ class BatchedEngine:
         profile_grad = back("user", rec_in[..., :d].sum(1, keepdim=True))
         return grads, None if profile_grad is None else profile_grad.squeeze(1), item_grad
 
-    def adapt(self, layers, profiles, item_profiles, item_base_out, targets):
+    def adapt(self, layers, profiles, item_profiles, user_base_out, item_base_out, targets):
         """Local update on the support rows of item_profiles / item_base_out / targets (in place on `layers`)."""
         cfg, model = self.config, self.model
         for rows in support_batches(item_profiles.shape[1], cfg["batch_size"], cfg["n_inner_loop"]):
-            outputs, tape = self.forward(layers, profiles, item_profiles[:, rows], item_base_out[:, rows])
+            outputs, tape = self.forward(layers, profiles, item_profiles[:, rows], user_base_out, item_base_out[:, rows])
             grads, _, _ = self.backward(tape, model.output_grad(outputs, targets[:, rows]), profile_grads=False)
             sq_norm = sum(grad_sq_norm(x, g) for _, _, x, g in grads)
             step_scale = -cfg["rho"] * clip_scale(sq_norm, cfg["grad_clip"])
@@ -414,9 +441,12 @@ class BatchedEngine:
         support = batch.support_size
         targets = self.model.targets(batch.ratings)
         layers = self.initial_layers(attention, profiles.shape[0], support)
+        user_base_out = layers["user"][0][1].base_forward(profiles.unsqueeze(1))
         item_base_out = layers["item"][0][1].base_forward(item_profiles)  # phi_i is shared: once for all rows
-        self.adapt(layers, profiles, item_profiles[:, :support], item_base_out[:, :support], targets[:, :support])
-        outputs, tape = self.forward(layers, profiles, item_profiles[:, support:], item_base_out[:, support:])
+        self.adapt(layers, profiles, item_profiles[:, :support], user_base_out, item_base_out[:, :support],
+                   targets[:, :support])
+        outputs, tape = self.forward(layers, profiles, item_profiles[:, support:], user_base_out,
+                                     item_base_out[:, support:])
         return layers, outputs, tape
 
     def meta_gradients(self, batch, profiles, item_profiles, attention):
@@ -430,7 +460,7 @@ class BatchedEngine:
             phi_grads[f"{name}.weight"] = torch.einsum("bno,bni->oi", g, x) / n_users
             phi_grads[f"{name}.bias"] = g.sum((0, 1)) / n_users
             if name.startswith("user."):
-                user_grads[f"{name}.weight"] = torch.bmm(g.transpose(1, 2), x)
+                user_grads[f"{name}.weight"] = OuterProducts(g, x)
                 user_grads[f"{name}.bias"] = g.sum(1)
         item_grads = torch.zeros_like(item_profiles)
         item_grads[:, support:] = item_grad / n_users
@@ -441,7 +471,7 @@ class BatchedEngine:
             profile_grads=profile_grad / n_users,
             item_grads=item_grads,
             user_grads=user_grads,
-            mem_weights=mem_layer.weight() if cfg["task_memory"] else None,
+            mem_weights=mem_layer if cfg["task_memory"] else None,
         )
 
     def predict(self, batch, profiles, item_profiles, attention):

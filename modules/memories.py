@@ -12,16 +12,23 @@ import torch
 import torch.nn.functional as F
 
 
+def weighted_user_sum(values, weights):
+    """sum_b weights[b, k] * v_b: [K, *S]. weights [B, K]; values: a tensor [B, *S], or per-user
+    values kept in factored form (the batched engine's) with the same `weighted_sum(weights)`."""
+    if isinstance(values, torch.Tensor):
+        return torch.einsum("bk,b...->k...", weights, values.detach())
+    return values.weighted_sum(weights)
+
+
 def decayed_write(memory, rate, attention, values):
     """Apply B sequential writes M[k] <- rate*a_b[k]*v_b + (1-rate)*M[k] in one step.
 
-    memory [K, *S], attention [B, K], values [B, *S] -> new memory [K, *S].
+    memory [K, *S], attention [B, K], values [B, *S] (see `weighted_user_sum`) -> new memory [K, *S].
     """
     n_users = attention.shape[0]
     steps_after = torch.arange(n_users - 1, -1, -1, device=memory.device, dtype=memory.dtype)
     user_weights = rate * (1.0 - rate) ** steps_after
-    written = torch.einsum("b,bk,b...->k...", user_weights, attention, values)
-    return (1.0 - rate) ** n_users * memory + written
+    return (1.0 - rate) ** n_users * memory + weighted_user_sum(values, user_weights.unsqueeze(1) * attention)
 
 
 class Memories:
@@ -55,13 +62,14 @@ class Memories:
 
     def write(self, attention, profiles, user_grads, mem_weights, alpha, beta, gamma):
         """Training-only writes for B users in order. attention [B, K], profiles [B, D_u],
-        user_grads {theta_u name: g_u [B, *shape]}, mem_weights: adapted W_mem' [B, 2d, 2d]."""
+        user_grads {theta_u name: g_u [B, *shape]}, mem_weights: adapted W_mem' [B, 2d, 2d]
+        (per-user values as `weighted_user_sum` takes them)."""
         attention, profiles = attention.detach(), profiles.detach()
         self.profile = decayed_write(self.profile, alpha, attention, profiles)
         for name in self.embedding:
-            self.embedding[name] = decayed_write(self.embedding[name], beta, attention, user_grads[name].detach())
+            self.embedding[name] = decayed_write(self.embedding[name], beta, attention, user_grads[name])
         if self.task_memory:
-            self.task = decayed_write(self.task, gamma, attention, mem_weights.detach())
+            self.task = decayed_write(self.task, gamma, attention, mem_weights)
 
     def state_dict(self):
         return {"profile": self.profile, "embedding": dict(self.embedding), "task": self.task}

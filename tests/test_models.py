@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 
-from models import MAMO, MEM_WEIGHT, make_engine, meta_train_step, predict_query, support_batches
+from models import (MAMO, MEM_WEIGHT, LowRankLinear, OuterProducts, make_engine, meta_train_step, predict_query,
+                    support_batches)
+from modules.memories import weighted_user_sum
 from tests.conftest import TINY_FEATURES, random_batch, small_config
 
 
@@ -244,3 +246,40 @@ def test_second_order_gradient_matches_finite_differences():
     first_order = make_engine(build(dict(cfg, first_order=True)), "reference")
     assert not torch.allclose(first_order.meta_gradients(batch, profiles, items, attention).phi_grads[name],
                               meta.phi_grads[name])
+
+
+def test_outer_products_weighted_sum_by_hand():
+    # user 0: [1, 2]^T [3, 4] = [[3, 4], [6, 8]]; user 1: [1, 0]^T [0, 1] = [[0, 1], [0, 0]]
+    products = OuterProducts(torch.tensor([[[1.0, 2.0]], [[1.0, 0.0]]]), torch.tensor([[[3.0, 4.0]], [[0.0, 1.0]]]))
+    weights = torch.tensor([[1.0, 0.5], [2.0, 0.0]])  # [B=2, K=2]
+    expected = torch.tensor([[[3.0, 6.0], [6.0, 8.0]],  # 1 * user0 + 2 * user1
+                             [[1.5, 2.0], [3.0, 4.0]]])  # 0.5 * user0
+    assert torch.equal(weighted_user_sum(products, weights), expected)
+
+
+@pytest.mark.parametrize("kind", ["shared", "mixture", "materialised"])
+def test_low_rank_layer_weighted_sum_equals_sum_of_dense_weights(kind):
+    """The memory write's factored sum equals the sum over the users' dense adapted weights."""
+    gen = torch.Generator().manual_seed(3)
+    n_users, n_out, n_in, n_slots = 4, 3, 5, 2
+    bias = torch.randn(n_users, n_out, generator=gen, dtype=torch.float64)
+    if kind == "shared":
+        base, coef = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64), None
+        dense = base.expand(n_users, n_out, n_in)
+    else:
+        base = torch.randn(n_slots, n_out, n_in, generator=gen, dtype=torch.float64)
+        coef = torch.softmax(torch.randn(n_users, n_slots, generator=gen, dtype=torch.float64), -1)
+        dense = torch.einsum("bj,joi->boi", coef, base)
+    layer = LowRankLinear(base, bias, capacity=4, coef=coef, materialise=kind == "materialised")
+    for _ in range(2):  # two local steps of two rows each
+        x = torch.randn(n_users, 2, n_in, generator=gen, dtype=torch.float64)
+        out_grad = torch.randn(n_users, 2, n_out, generator=gen, dtype=torch.float64)
+        step_scale = -0.1 * torch.rand(n_users, generator=gen, dtype=torch.float64)
+        assert torch.allclose(layer.forward(x), torch.einsum("bni,boi->bno", x, dense) + bias.unsqueeze(1))
+        assert torch.allclose(layer.input_grad(out_grad), torch.einsum("bno,boi->bni", out_grad, dense))
+        layer.step(x, out_grad, step_scale)
+        dense = dense + step_scale.view(-1, 1, 1) * torch.einsum("bno,bni->boi", out_grad, x)
+        bias = bias + step_scale.view(-1, 1) * out_grad.sum(1)
+    weights = torch.rand(n_users, 3, generator=gen, dtype=torch.float64)
+    assert torch.allclose(layer.weighted_sum(weights), torch.einsum("bk,boi->koi", weights, dense), atol=1e-12)
+    assert torch.allclose(layer.bias, bias)
