@@ -275,17 +275,15 @@ class LowRankLinear:
     """One linear layer for B users: W_b = base_b + sum_s D_s[b]^T X_s[b], bias_b dense.
 
     base_b is `base` [out, in] shared by all users (phi), or, with `coef` [B, J], the mixture
-    sum_j coef[b, j] * base[j] of J shared matrices [J, out, in]. A mixture is applied as one
-    GEMM against the J stacked matrices (cheaper when a user has few rows per step), or, with
-    `materialise`, formed once per user [B, out, in] (cheaper when the J-fold GEMM costs more
-    than reading B matrices). Each local step appends its input rows X_s [B, m, in] and scaled
-    output gradients D_s [B, m, out] to buffers of `capacity` rows: the update
-    -rho * kappa * dz^T x is never materialised.
+    sum_j coef[b, j] * base[j] of J shared matrices [J, out, in], applied as one GEMM against the
+    J stacked matrices and never formed per user (B per-user matrices would be read from memory
+    at every step; the J shared ones stay in cache). Each local step appends its input rows
+    X_s [B, m, in] and scaled output gradients D_s [B, m, out] to buffers of `capacity` rows: the
+    update -rho * kappa * dz^T x is never materialised either.
     """
 
-    def __init__(self, base, bias, capacity, coef=None, materialise=False):
+    def __init__(self, base, bias, capacity, coef=None):
         self.base, self.bias, self.coef = base, bias, coef
-        self.user_base = torch.einsum("bj,joi->boi", coef, base) if materialise else None
         n_users, (n_out, n_in) = bias.shape[0], base.shape[-2:]
         self.row_buffer = bias.new_empty(n_users, capacity, n_in)
         self.delta_buffer = bias.new_empty(n_users, capacity, n_out)
@@ -294,8 +292,6 @@ class LowRankLinear:
     def base_forward(self, x):
         """x [B, n, in] -> x base_b^T: [B, n, out]."""
         n_users, n, width = x.shape
-        if self.user_base is not None:
-            return torch.bmm(x, self.user_base.transpose(1, 2))
         if self.coef is not None:
             n_bases, n_out = self.base.shape[:2]
             per_base = (x.reshape(n_users * n, width) @ self.base.reshape(-1, width).t()).view(n_users, n, n_bases, n_out)
@@ -312,9 +308,7 @@ class LowRankLinear:
     def input_grad(self, out_grad):
         """d/dx of sum(out_grad * forward(x)): out_grad [B, n, out] -> [B, n, in]."""
         n_users, n, n_out = out_grad.shape
-        if self.user_base is not None:
-            grad_in = torch.bmm(out_grad, self.user_base)
-        elif self.coef is not None:
+        if self.coef is not None:
             mixed = out_grad.unsqueeze(2) * self.coef.view(n_users, 1, -1, 1)
             grad_in = (mixed.reshape(n_users * n, -1) @ self.base.reshape(-1, self.base.shape[-1])).view(n_users, n, -1)
         else:
@@ -374,12 +368,10 @@ class BatchedEngine:
                     base = torch.cat([base.unsqueeze(0), slots[f"{name}.weight"]])
                     coef = torch.cat([attention.new_ones(n_users, 1), -cfg["tao"] * attention], 1)
                     bias = torch.addmm(bias, -cfg["tao"] * attention, slots[f"{name}.bias"])
-                materialise = f"{name}.weight" == MEM_WEIGHT and cfg["task_memory"]
-                if materialise:
+                if f"{name}.weight" == MEM_WEIGHT and cfg["task_memory"]:
                     base, coef = model.memories.task, attention
                 rows_per_step = 1 if prefix == "user" else cfg["batch_size"]
-                layers[prefix].append((name, LowRankLinear(base, bias, rows_per_step * n_steps, coef, materialise),
-                                       activated))
+                layers[prefix].append((name, LowRankLinear(base, bias, rows_per_step * n_steps, coef), activated))
         return layers
 
     def forward(self, layers, profiles, item_profiles, user_base_out, item_base_out):

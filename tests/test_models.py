@@ -257,7 +257,7 @@ def test_outer_products_weighted_sum_by_hand():
     assert torch.equal(weighted_user_sum(products, weights), expected)
 
 
-@pytest.mark.parametrize("kind", ["shared", "mixture", "materialised"])
+@pytest.mark.parametrize("kind", ["shared", "mixture"])
 def test_low_rank_layer_weighted_sum_equals_sum_of_dense_weights(kind):
     """The memory write's factored sum equals the sum over the users' dense adapted weights."""
     gen = torch.Generator().manual_seed(3)
@@ -270,7 +270,7 @@ def test_low_rank_layer_weighted_sum_equals_sum_of_dense_weights(kind):
         base = torch.randn(n_slots, n_out, n_in, generator=gen, dtype=torch.float64)
         coef = torch.softmax(torch.randn(n_users, n_slots, generator=gen, dtype=torch.float64), -1)
         dense = torch.einsum("bj,joi->boi", coef, base)
-    layer = LowRankLinear(base, bias, capacity=4, coef=coef, materialise=kind == "materialised")
+    layer = LowRankLinear(base, bias, capacity=4, coef=coef)
     for _ in range(2):  # two local steps of two rows each
         x = torch.randn(n_users, 2, n_in, generator=gen, dtype=torch.float64)
         out_grad = torch.randn(n_users, 2, n_out, generator=gen, dtype=torch.float64)
