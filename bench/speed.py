@@ -1,11 +1,18 @@
 """Speed and memory at MovieLens-1M scale: `python bench/speed.py [--json FILE] [--device D]`.
 
 Generates synthetic raw data in the ML-1M format (6,040 users by default), prepares it, then
-measures with the default configuration: preparation time and output size, one full epoch
-(train every training user + evaluate every test user), meta-training and evaluation users per
-second, the same work on a subset through the reference engine (torch.func, one user at a time),
-the sequential path (batched engine, users_per_step = 1, one test user at a time) and the batched path, and peak resident memory sampled user batch by user batch.
+measures with the default configuration:
+- preparation time and output size;
+- one full epoch (train every training user + evaluate every test user), with resident memory
+  sampled user batch by user batch;
+- the same work on a subset of users through three paths, interleaved over `--rounds` rounds
+  (medians reported, so that a slow spell of a shared machine hits every path alike): the
+  reference engine (torch.func, one user at a time), the sequential path (batched engine,
+  users_per_step = 1, one test user at a time) and the batched path;
+- training time per global step at several users_per_step, fitted as fixed + per-user cost,
+  which bounds the batched / sequential ratio: (fixed + per_user) / per_user as B grows.
 """
+import statistics
 import argparse
 import copy
 import json
@@ -75,12 +82,29 @@ def timed_evaluation(trainer, n_users, users_per_batch, device):
     return time.perf_counter() - started, torch.cat(outputs)
 
 
+def step_cost(trainer, users, batch_sizes, rounds, device):
+    """Seconds per global step at each users_per_step B (median over rounds), and the least-squares
+    fit seconds = fixed + per_user * B, with the batched / sequential ratio it implies."""
+    trainer.engine = make_engine(trainer.model, "batched")
+    seconds = {}
+    for size in batch_sizes:
+        n_users = len(users) - len(users) % size
+        per_step = [timed_training(trainer, users[:n_users], size, device) * size / n_users for _ in range(rounds)]
+        seconds[size] = statistics.median(per_step)
+    per_user, fixed = statistics.linear_regression(list(seconds), list(seconds.values()))
+    return {"seconds_per_step": seconds, "fixed_seconds": fixed, "per_user_seconds": per_user,
+            "implied_speedup_at": {size: size * (fixed + per_user) / (fixed + per_user * size) for size in batch_sizes},
+            "implied_speedup_limit": (fixed + per_user) / per_user}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-users", type=int, default=6040)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--subset", type=int, default=256, help="users for the sequential-vs-batched comparison")
     parser.add_argument("--users-per-step", type=int, help="override configs.py's users_per_step")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the path comparison")
+    parser.add_argument("--scaling", default="1,8,32,128", help="users_per_step values for the cost fit")
     parser.add_argument("--work-dir", help="where to put the synthetic data (default: a temporary folder)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -119,22 +143,29 @@ def main(argv=None):
 
     subset = min(args.subset, n_train, n_test)
     users = trainer.user_order(2)[:subset]
-    comparison = {}
-    paths = (("reference", "reference", 1, 1), ("sequential", "batched", 1, 1),
-             ("batched", "batched", cfg["users_per_step"], cfg["eval_batch_users"]))
-    for label, engine, step, eval_batch in paths:
-        trainer.engine = make_engine(trainer.model, engine)
-        t_train = timed_training(trainer, users, step, device)
-        t_eval, _ = timed_evaluation(trainer, subset, eval_batch, device)
-        comparison[label] = {"engine": engine, "users_per_step": step, "users": subset,
-                             "train_users_per_second": subset / t_train, "eval_users_per_second": subset / t_eval}
-    comparison["train_speedup"] = (comparison["batched"]["train_users_per_second"]
-                                   / comparison["sequential"]["train_users_per_second"])
-    comparison["eval_speedup"] = (comparison["batched"]["eval_users_per_second"]
-                                  / comparison["sequential"]["eval_users_per_second"])
-    comparison["train_speedup_over_reference"] = (comparison["batched"]["train_users_per_second"]
-                                                  / comparison["reference"]["train_users_per_second"])
+    paths = {"reference": ("reference", 1, 1), "sequential": ("batched", 1, 1),
+             "batched": ("batched", cfg["users_per_step"], cfg["eval_batch_users"])}
+    rates = {label: {"train": [], "eval": []} for label in paths}
+    for _ in range(args.rounds):
+        for label, (engine, step, eval_batch) in paths.items():
+            trainer.engine = make_engine(trainer.model, engine)
+            rates[label]["train"].append(subset / timed_training(trainer, users, step, device))
+            rates[label]["eval"].append(subset / timed_evaluation(trainer, subset, eval_batch, device)[0])
+    comparison = {label: {"engine": engine, "users_per_step": step, "users": subset, "rounds": args.rounds,
+                          "train_users_per_second": statistics.median(rates[label]["train"]),
+                          "eval_users_per_second": statistics.median(rates[label]["eval"]),
+                          "train_users_per_second_rounds": rates[label]["train"]}
+                  for label, (engine, step, _) in paths.items()}
+
+    def speedup(fast, slow, kind):
+        return comparison[fast][f"{kind}_users_per_second"] / comparison[slow][f"{kind}_users_per_second"]
+
+    comparison["train_speedup"] = speedup("batched", "sequential", "train")
+    comparison["eval_speedup"] = speedup("batched", "sequential", "eval")
+    comparison["train_speedup_over_reference"] = speedup("batched", "reference", "train")
+    comparison["eval_speedup_over_reference"] = speedup("batched", "reference", "eval")
     results["sequential_vs_batched"] = comparison
+    results["step_cost"] = step_cost(trainer, users, [int(b) for b in args.scaling.split(",")], args.rounds, device)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     text = json.dumps(results, indent=2)
     print(text)
