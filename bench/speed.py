@@ -6,19 +6,20 @@ measures with the default configuration:
 - one full epoch (train every training user + evaluate every test user), with resident memory
   sampled user batch by user batch;
 - the same work on a subset of users through three paths, interleaved over `--rounds` rounds
-  (medians reported, so that a slow spell of a shared machine hits every path alike): the
-  reference engine (torch.func, one user at a time), the sequential path (batched engine,
-  users_per_step = 1, one test user at a time) and the batched path;
+  (medians reported, ratios as the median of per-round ratios, so that a slow spell of a shared
+  machine does not decide the result): the reference engine (torch.func, one user at a time),
+  the sequential path (batched engine, users_per_step = 1, one test user at a time) and the
+  batched path;
 - training time per global step at several users_per_step, fitted as fixed + per-user cost,
   which bounds the batched / sequential ratio: (fixed + per_user) / per_user as B grows.
 """
-import statistics
 import argparse
 import copy
 import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -101,9 +102,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-users", type=int, default=6040)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--subset", type=int, default=256, help="users for the sequential-vs-batched comparison")
+    parser.add_argument("--subset", type=int, default=384, help="users for the sequential-vs-batched comparison")
     parser.add_argument("--users-per-step", type=int, help="override configs.py's users_per_step")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the path comparison")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the path comparison")
     parser.add_argument("--scaling", default="1,8,32,128", help="users_per_step values for the cost fit")
     parser.add_argument("--work-dir", help="where to put the synthetic data (default: a temporary folder)")
     parser.add_argument("--json", help="write the results here")
@@ -154,16 +155,17 @@ def main(argv=None):
     comparison = {label: {"engine": engine, "users_per_step": step, "users": subset, "rounds": args.rounds,
                           "train_users_per_second": statistics.median(rates[label]["train"]),
                           "eval_users_per_second": statistics.median(rates[label]["eval"]),
-                          "train_users_per_second_rounds": rates[label]["train"]}
+                          "train_users_per_second_rounds": rates[label]["train"],
+                          "eval_users_per_second_rounds": rates[label]["eval"]}
                   for label, (engine, step, _) in paths.items()}
 
     def speedup(fast, slow, kind):
-        return comparison[fast][f"{kind}_users_per_second"] / comparison[slow][f"{kind}_users_per_second"]
+        """Median over rounds of the per-round ratio (each round times both paths back to back)."""
+        return statistics.median(f / s for f, s in zip(rates[fast][kind], rates[slow][kind]))
 
-    comparison["train_speedup"] = speedup("batched", "sequential", "train")
-    comparison["eval_speedup"] = speedup("batched", "sequential", "eval")
-    comparison["train_speedup_over_reference"] = speedup("batched", "reference", "train")
-    comparison["eval_speedup_over_reference"] = speedup("batched", "reference", "eval")
+    for kind in ("train", "eval"):
+        comparison[f"{kind}_speedup"] = speedup("batched", "sequential", kind)
+        comparison[f"{kind}_speedup_over_reference"] = speedup("batched", "reference", kind)
     results["sequential_vs_batched"] = comparison
     results["step_cost"] = step_cost(trainer, users, [int(b) for b in args.scaling.split(",")], args.rounds, device)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
