@@ -251,10 +251,15 @@ def adam_update(theta, grads, state, step, lr, betas=(0.9, 0.999), eps=1e-8):
 
 
 def outer_product_sum(weights, deltas, rows):
-    """sum_b weights[b, k] * deltas_b^T rows_b, without forming any per-user matrix.
-    weights [B, K], deltas [B, r, out], rows [B, r, in] -> [K, out, in]."""
+    """sum_b weights[b, k] * deltas_b^T rows_b: weights [B, K], deltas [B, r, out], rows [B, r, in]
+    -> [K, out, in]. Takes the order with fewer multiply-adds: for rank r > K / (K - 1) form the
+    B per-user products once ((r + K) * out * in per user), else weight the factors and contract
+    over users and rows in one GEMM (K * r * out * in per user, no per-user matrix)."""
     n_users, rank, n_out = deltas.shape
     n_slots, n_in = weights.shape[1], rows.shape[-1]
+    if rank * (n_slots - 1) > n_slots:
+        per_user = torch.bmm(deltas.transpose(1, 2), rows)
+        return (weights.t() @ per_user.view(n_users, -1)).view(n_slots, n_out, n_in)
     weighted = deltas.unsqueeze(2) * weights.view(n_users, 1, n_slots, 1)  # [B, r, K, out]
     total = weighted.reshape(n_users * rank, n_slots * n_out).t() @ rows.reshape(n_users * rank, n_in)
     return total.view(n_slots, n_out, n_in)

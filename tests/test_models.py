@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from models import (MAMO, MEM_WEIGHT, LowRankLinear, OuterProducts, make_engine, meta_train_step, predict_query,
-                    support_batches)
+from models import (MAMO, MEM_WEIGHT, LowRankLinear, OuterProducts, make_engine, meta_train_step, outer_product_sum,
+                    predict_query, support_batches)
 from modules.memories import weighted_user_sum
 from tests.conftest import TINY_FEATURES, random_batch, small_config
 
@@ -255,6 +255,21 @@ def test_outer_products_weighted_sum_by_hand():
     expected = torch.tensor([[[3.0, 6.0], [6.0, 8.0]],  # 1 * user0 + 2 * user1
                              [[1.5, 2.0], [3.0, 4.0]]])  # 0.5 * user0
     assert torch.equal(weighted_user_sum(products, weights), expected)
+
+
+@pytest.mark.parametrize("rank, n_slots", [(1, 3), (2, 2), (3, 2), (45, 3)])
+def test_outer_product_sum_equals_a_loop_over_users_and_rows(rank, n_slots):
+    """Both contraction orders (weighted factors for small rank, per-user products for large)."""
+    gen = torch.Generator().manual_seed(rank)
+    deltas = torch.randn(4, rank, 3, generator=gen, dtype=torch.float64)
+    rows = torch.randn(4, rank, 5, generator=gen, dtype=torch.float64)
+    weights = torch.rand(4, n_slots, generator=gen, dtype=torch.float64)
+    expected = torch.zeros(n_slots, 3, 5, dtype=torch.float64)
+    for b in range(4):
+        for r in range(rank):
+            for k in range(n_slots):
+                expected[k] += weights[b, k] * torch.outer(deltas[b, r], rows[b, r])
+    assert torch.allclose(outer_product_sum(weights, deltas, rows), expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["shared", "mixture"])
