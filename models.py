@@ -294,14 +294,16 @@ class LowRankLinear:
         self.delta_buffer = bias.new_empty(n_users, capacity, n_out)
         self.rows = self.deltas = None
 
-    def base_forward(self, x):
-        """x [B, n, in] -> x base_b^T: [B, n, out]."""
+    def base_forward(self, x, columns=slice(None)):
+        """x [B, n, w]: the input's `columns` only -> x base_b[:, columns]^T: [B, n, out]
+        (a column slice of the base is a strided view: no copy)."""
         n_users, n, width = x.shape
+        base = self.base[..., columns]
         if self.coef is not None:
-            n_bases, n_out = self.base.shape[:2]
-            per_base = (x.reshape(n_users * n, width) @ self.base.reshape(-1, width).t()).view(n_users, n, n_bases, n_out)
+            n_bases, n_out = base.shape[:2]
+            per_base = (x.reshape(n_users * n, width) @ base.reshape(-1, width).t()).view(n_users, n, n_bases, n_out)
             return (per_base * self.coef.view(n_users, 1, n_bases, 1)).sum(2)
-        return (x.reshape(n_users * n, width) @ self.base.t()).view(n_users, n, -1)
+        return (x.reshape(n_users * n, width) @ base.t()).view(n_users, n, -1)
 
     def forward(self, x, base_out=None):
         """x [B, n, in] -> x W_b^T + bias_b: [B, n, out]. base_out: base_forward(x) if already known."""
@@ -310,16 +312,17 @@ class LowRankLinear:
             out = out + torch.bmm(torch.bmm(x, self.rows.transpose(1, 2)), self.deltas)
         return out + self.bias.unsqueeze(1)
 
-    def input_grad(self, out_grad):
-        """d/dx of sum(out_grad * forward(x)): out_grad [B, n, out] -> [B, n, in]."""
+    def input_grad(self, out_grad, columns=slice(None)):
+        """d/dx[..., columns] of sum(out_grad * forward(x)): out_grad [B, n, out] -> [B, n, w]."""
         n_users, n, n_out = out_grad.shape
+        base = self.base[..., columns]
         if self.coef is not None:
             mixed = out_grad.unsqueeze(2) * self.coef.view(n_users, 1, -1, 1)
-            grad_in = (mixed.reshape(n_users * n, -1) @ self.base.reshape(-1, self.base.shape[-1])).view(n_users, n, -1)
+            grad_in = (mixed.reshape(n_users * n, -1) @ base.reshape(-1, base.shape[-1])).view(n_users, n, -1)
         else:
-            grad_in = (out_grad.reshape(n_users * n, n_out) @ self.base).view(n_users, n, -1)
+            grad_in = (out_grad.reshape(n_users * n, n_out) @ base).view(n_users, n, -1)
         if self.rows is not None:
-            grad_in = grad_in + torch.bmm(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows)
+            grad_in = grad_in + torch.bmm(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows[..., columns])
         return grad_in
 
     def step(self, x, out_grad, step_scale):
@@ -397,7 +400,10 @@ class BatchedEngine:
 
         e_u = run("user", profiles.unsqueeze(1), user_base_out)
         e_i = run("item", item_profiles, item_base_out)
-        return run("rec", torch.cat([e_u.expand(-1, e_i.shape[1], -1), e_i], -1)), tape
+        # x = [e_u; e_i] repeats e_u on every row: its product with the first rec layer is taken once.
+        first_rec, d = layers["rec"][0][1], e_u.shape[-1]
+        rec_base_out = first_rec.base_forward(e_u, slice(0, d)) + first_rec.base_forward(e_i, slice(d, None))
+        return run("rec", torch.cat([e_u.expand(-1, e_i.shape[1], -1), e_i], -1), rec_base_out), tape
 
     def backward(self, tape, out_grad, profile_grads=True):
         """Backpropagate d loss / d outputs through the tape.
@@ -407,20 +413,25 @@ class BatchedEngine:
         grads = []
 
         def back(prefix, g):
+            """-> d loss / d pre-activation of the stack's first layer."""
             for depth, (name, layer, x, z, activated) in reversed(list(enumerate(tape[prefix]))):
                 if activated:
                     g = g * activation_slope(z, activation)
                 grads.append((name, layer, x, g))
-                if depth == 0 and prefix != "rec" and not profile_grads:
-                    return None
-                g = layer.input_grad(g)
+                if depth > 0:
+                    g = layer.input_grad(g)
             return g
 
         d = self.model.config["embedding_dim"]
-        rec_in = back("rec", out_grad)
-        item_grad = back("item", rec_in[..., d:])
-        profile_grad = back("user", rec_in[..., :d].sum(1, keepdim=True))
-        return grads, None if profile_grad is None else profile_grad.squeeze(1), item_grad
+        first_rec = tape["rec"][0][1]
+        rec_grad = back("rec", out_grad)
+        item_grad = back("item", first_rec.input_grad(rec_grad, slice(d, None)))
+        # e_u feeds every row with the same weights: sum the rows' gradients before the product.
+        user_grad = back("user", first_rec.input_grad(rec_grad.sum(1, keepdim=True), slice(0, d)))
+        if not profile_grads:
+            return grads, None, None
+        return (grads, tape["user"][0][1].input_grad(user_grad).squeeze(1),
+                tape["item"][0][1].input_grad(item_grad))
 
     def adapt(self, layers, profiles, item_profiles, user_base_out, item_base_out, targets):
         """Local update on the support rows of item_profiles / item_base_out / targets (in place on `layers`)."""

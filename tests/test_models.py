@@ -292,6 +292,11 @@ def test_low_rank_layer_weighted_sum_equals_sum_of_dense_weights(kind):
         step_scale = -0.1 * torch.rand(n_users, generator=gen, dtype=torch.float64)
         assert torch.allclose(layer.forward(x), torch.einsum("bni,boi->bno", x, dense) + bias.unsqueeze(1))
         assert torch.allclose(layer.input_grad(out_grad), torch.einsum("bno,boi->bni", out_grad, dense))
+        # column blocks of the input (the engine feeds [e_u; e_i] this way)
+        split_base = layer.base_forward(x[..., :2], slice(0, 2)) + layer.base_forward(x[..., 2:], slice(2, None))
+        assert torch.allclose(layer.forward(x, split_base), layer.forward(x))
+        assert torch.allclose(layer.input_grad(out_grad, slice(2, None)),
+                              torch.einsum("bno,boi->bni", out_grad, dense[..., 2:]))
         layer.step(x, out_grad, step_scale)
         dense = dense + step_scale.view(-1, 1, 1) * torch.einsum("bno,bni->boi", out_grad, x)
         bias = bias + step_scale.view(-1, 1) * out_grad.sum(1)
