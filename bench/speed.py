@@ -87,11 +87,12 @@ def step_cost(trainer, users, batch_sizes, rounds, device):
     """Seconds per global step at each users_per_step B (median over rounds), and the least-squares
     fit seconds = fixed + per_user * B, with the batched / sequential ratio it implies."""
     trainer.engine = make_engine(trainer.model, "batched")
-    seconds = {}
-    for size in batch_sizes:
-        n_users = len(users) - len(users) % size
-        per_step = [timed_training(trainer, users[:n_users], size, device) * size / n_users for _ in range(rounds)]
-        seconds[size] = statistics.median(per_step)
+    per_step = {size: [] for size in batch_sizes}
+    for _ in range(rounds):
+        for size in batch_sizes:
+            n_users = len(users) - len(users) % size
+            per_step[size].append(timed_training(trainer, users[:n_users], size, device) * size / n_users)
+    seconds = {size: statistics.median(times) for size, times in per_step.items()}
     per_user, fixed = statistics.linear_regression(list(seconds), list(seconds.values()))
     return {"seconds_per_step": seconds, "fixed_seconds": fixed, "per_user_seconds": per_user,
             "implied_speedup_at": {size: size * (fixed + per_user) / (fixed + per_user * size) for size in batch_sizes},
@@ -147,10 +148,12 @@ def main(argv=None):
     paths = {"reference": ("reference", 1, 1), "sequential": ("batched", 1, 1),
              "batched": ("batched", cfg["users_per_step"], cfg["eval_batch_users"])}
     rates = {label: {"train": [], "eval": []} for label in paths}
-    for _ in range(args.rounds):
-        for label, (engine, step, eval_batch) in paths.items():
+    for _ in range(args.rounds):  # the paths of one kind back to back: this machine's speed drifts
+        for label, (engine, step, _) in paths.items():
             trainer.engine = make_engine(trainer.model, engine)
             rates[label]["train"].append(subset / timed_training(trainer, users, step, device))
+        for label, (engine, _, eval_batch) in paths.items():
+            trainer.engine = make_engine(trainer.model, engine)
             rates[label]["eval"].append(subset / timed_evaluation(trainer, subset, eval_batch, device)[0])
     comparison = {label: {"engine": engine, "users_per_step": step, "users": subset, "rounds": args.rounds,
                           "train_users_per_second": statistics.median(rates[label]["train"]),
