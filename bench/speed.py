@@ -10,8 +10,8 @@ measures with the default configuration:
   machine does not decide the result): the reference engine (torch.func, one user at a time),
   the sequential path (batched engine, users_per_step = 1, one test user at a time) and the
   batched path;
-- training time per global step at several users_per_step, fitted as fixed + per-user cost,
-  which bounds the batched / sequential ratio: (fixed + per_user) / per_user as B grows.
+- training time per global step at several users_per_step, the speed-up each gives over one
+  user per step and the marginal cost of one more user, which bounds that speed-up.
 """
 import argparse
 import copy
@@ -84,8 +84,10 @@ def timed_evaluation(trainer, n_users, users_per_batch, device):
 
 
 def step_cost(trainer, users, batch_sizes, rounds, device):
-    """Seconds per global step at each users_per_step B (median over rounds), and the least-squares
-    fit seconds = fixed + per_user * B, with the batched / sequential ratio it implies."""
+    """Seconds per global step at each users_per_step B (median over interleaved rounds) and what
+    they imply: the speed-up B * t(1) / t(B) over one user per step, the marginal cost of one more
+    user between consecutive sizes, and t(1) / (the last marginal cost), the speed-up that no batch
+    size can pass while a user costs at least that much."""
     trainer.engine = make_engine(trainer.model, "batched")
     per_step = {size: [] for size in batch_sizes}
     for _ in range(rounds):
@@ -93,10 +95,14 @@ def step_cost(trainer, users, batch_sizes, rounds, device):
             n_users = len(users) - len(users) % size
             per_step[size].append(timed_training(trainer, users[:n_users], size, device) * size / n_users)
     seconds = {size: statistics.median(times) for size, times in per_step.items()}
-    per_user, fixed = statistics.linear_regression(list(seconds), list(seconds.values()))
-    return {"seconds_per_step": seconds, "fixed_seconds": fixed, "per_user_seconds": per_user,
-            "implied_speedup_at": {size: size * (fixed + per_user) / (fixed + per_user * size) for size in batch_sizes},
-            "implied_speedup_limit": (fixed + per_user) / per_user}
+    sizes = sorted(seconds)
+    marginal = {f"{a}-{b}": (seconds[b] - seconds[a]) / (b - a) for a, b in zip(sizes, sizes[1:])}
+    one_user = seconds[min(sizes)] / min(sizes)
+    last_marginal = list(marginal.values())[-1] if marginal else 0.0
+    return {"seconds_per_step": seconds,
+            "speedup_at": {size: size * one_user / seconds[size] for size in sizes},
+            "marginal_seconds_per_user": marginal,
+            "speedup_limit": one_user / last_marginal if last_marginal > 0 else None}
 
 
 def main(argv=None):
@@ -106,7 +112,7 @@ def main(argv=None):
     parser.add_argument("--subset", type=int, default=384, help="users for the sequential-vs-batched comparison")
     parser.add_argument("--users-per-step", type=int, help="override configs.py's users_per_step")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the path comparison")
-    parser.add_argument("--scaling", default="1,8,32,128", help="users_per_step values for the cost fit")
+    parser.add_argument("--scaling", default="1,8,32,128", help="users_per_step values for the step cost")
     parser.add_argument("--work-dir", help="where to put the synthetic data (default: a temporary folder)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)

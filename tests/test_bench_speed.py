@@ -28,5 +28,6 @@ def test_speed_benchmark_writes_every_measure(tmp_path):
     assert comparison["train_speedup"] > 0 and comparison["eval_speedup_over_reference"] > 0
     cost = result["step_cost"]
     assert set(cost["seconds_per_step"]) == {"1", "2"}
-    assert cost["implied_speedup_at"]["1"] == 1.0
+    assert cost["speedup_at"]["1"] == 1.0
+    assert set(cost["marginal_seconds_per_user"]) == {"1-2"}
     assert result["peak_rss_mb"] > 0
