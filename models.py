@@ -12,8 +12,9 @@ compute the same thing:
   written for reading. Supports Adam local updates and second-order meta-gradients.
 - `BatchedEngine`: all users of a batch at once. With plain gradient descent each local step
   changes a linear layer by a low-rank update (-rho * kappa * dz^T x), so a layer is kept as its
-  initial weight (shared phi, or the user's memory mixture formed once per batch) plus the
-  history of those updates; no weight is copied or rewritten per step.
+  initial weight (shared phi, or the user's attention mixture of K shared memory slots, applied
+  without forming it) plus the history of those updates; no per-user weight matrix is formed,
+  and the memory writes take their attention-weighted sums from these factors.
 Tests check that both give the same numbers.
 """
 from dataclasses import dataclass
