@@ -11,7 +11,9 @@ measures with the default configuration:
   the sequential path (batched engine, users_per_step = 1, one test user at a time) and the
   batched path;
 - training time per global step at several users_per_step, the speed-up each gives over one
-  user per step and the marginal cost of one more user, which bounds that speed-up.
+  user per step and the marginal cost of one more user, which bounds that speed-up; the
+  arithmetic per user (torch.profiler's flop count) and the device's peak matrix-product speed,
+  which give the speed-up that even peak-speed arithmetic would allow.
 """
 import argparse
 import copy
@@ -83,6 +85,29 @@ def timed_evaluation(trainer, n_users, users_per_batch, device):
     return time.perf_counter() - started, torch.cat(outputs)
 
 
+def peak_gemm_gflops(device, size=512, repeats=50):
+    """This device's float32 matrix-product speed on a large square product (best of 3): the
+    ceiling for the per-user arithmetic."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(3):
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 * repeats / best / 1e9
+
+
+def flop_per_user(trainer, users, users_per_step):
+    """Floating-point operations of one training step per user (torch.profiler's count)."""
+    batch = select_users(trainer.train_tasks, users[:users_per_step])
+    with torch.profiler.profile(with_flops=True) as profiler:
+        meta_train_step(trainer.model, trainer.engine, batch, trainer.optimizer)
+    return sum(event.flops for event in profiler.key_averages()) / len(batch.ratings)
+
+
 def step_cost(trainer, users, batch_sizes, rounds, device):
     """Seconds per global step at each users_per_step B (median over interleaved rounds) and what
     they imply: the speed-up B * t(1) / t(B) over one user per step, the marginal cost of one more
@@ -103,6 +128,14 @@ def step_cost(trainer, users, batch_sizes, rounds, device):
             "speedup_at": {size: size * one_user / seconds[size] for size in sizes},
             "marginal_seconds_per_user": marginal,
             "speedup_limit": one_user / last_marginal if last_marginal > 0 else None}
+
+
+def ideal_speedup(step, users_per_step, gflops):
+    """The batched / sequential ratio if every per-user operation ran at the device's peak matrix
+    speed and the one-user step cost stayed fixed: B * t(1) / (t(1) + B * flop / peak)."""
+    one_user = step["seconds_per_step"][1]
+    per_user = step["flop_per_user"] / (gflops * 1e9)
+    return users_per_step * one_user / (one_user + users_per_step * per_user)
 
 
 def main(argv=None):
@@ -176,7 +209,12 @@ def main(argv=None):
         comparison[f"{kind}_speedup"] = speedup("batched", "sequential", kind)
         comparison[f"{kind}_speedup_over_reference"] = speedup("batched", "reference", kind)
     results["sequential_vs_batched"] = comparison
-    results["step_cost"] = step_cost(trainer, users, [int(b) for b in args.scaling.split(",")], args.rounds, device)
+    step = step_cost(trainer, users, [int(b) for b in args.scaling.split(",")], args.rounds, device)
+    step["flop_per_user"] = flop_per_user(trainer, users, cfg["users_per_step"])
+    results["machine"]["peak_gemm_gflops"] = peak_gemm_gflops(device)
+    if 1 in step["seconds_per_step"]:
+        step["speedup_at_peak_speed"] = ideal_speedup(step, cfg["users_per_step"], results["machine"]["peak_gemm_gflops"])
+    results["step_cost"] = step
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     text = json.dumps(results, indent=2)
     print(text)

@@ -30,4 +30,6 @@ def test_speed_benchmark_writes_every_measure(tmp_path):
     assert set(cost["seconds_per_step"]) == {"1", "2"}
     assert cost["speedup_at"]["1"] == 1.0
     assert set(cost["marginal_seconds_per_user"]) == {"1-2"}
+    assert cost["flop_per_user"] > 1e6 and result["machine"]["peak_gemm_gflops"] > 0
+    assert 0 < cost["speedup_at_peak_speed"] < 32
     assert result["peak_rss_mb"] > 0
