@@ -13,7 +13,9 @@ measures with the default configuration:
 - training time per global step at several users_per_step, the speed-up each gives over one
   user per step and the marginal cost of one more user, which bounds that speed-up; the
   arithmetic per user (torch.profiler's flop count) and the device's peak matrix-product speed,
-  which give the speed-up that even peak-speed arithmetic would allow.
+  which give the speed-up that even peak-speed arithmetic would allow;
+- agreement: the largest difference between the query outputs of the three paths, and between
+  the device's and the CPU's (a copy of the model), on the same users and model state.
 """
 import argparse
 import copy
@@ -35,7 +37,7 @@ from configs import config_settings  # noqa: E402
 from data_prep.prepare_data import prepare  # noqa: E402
 from mamoRec import MAMRec, load_data  # noqa: E402
 from models import make_engine, meta_train_step, predict_query  # noqa: E402
-from utils import resolve_device, select_users  # noqa: E402
+from utils import batch_to, resolve_device, select_users  # noqa: E402
 
 
 def rss_mb():
@@ -77,12 +79,24 @@ def timed_training(trainer, users, users_per_step, device, rss_samples=None):
 
 
 def timed_evaluation(trainer, n_users, users_per_batch, device):
+    """Evaluate the first n_users test users in batches; returns (seconds, outputs [n_users, Q, n_y])."""
     synchronize(device)
     started = time.perf_counter()
-    outputs = [predict_query(trainer.model, trainer.engine, select_users(trainer.test_tasks, slice(s, s + users_per_batch)))
+    outputs = [predict_query(trainer.model, trainer.engine,
+                             select_users(trainer.test_tasks, slice(s, min(s + users_per_batch, n_users))))
                for s in range(0, n_users, users_per_batch)]
     synchronize(device)
     return time.perf_counter() - started, torch.cat(outputs)
+
+
+def cpu_outputs(trainer, n_users, users_per_batch):
+    """The batched path's evaluation outputs recomputed on the CPU from a copy of the model."""
+    model = copy.deepcopy(trainer.model).to("cpu")
+    if model.memories is not None:
+        model.memories.to("cpu")
+    engine, test = make_engine(model, "batched"), batch_to(trainer.test_tasks, torch.device("cpu"))
+    return torch.cat([predict_query(model, engine, select_users(test, slice(s, min(s + users_per_batch, n_users))))
+                      for s in range(0, n_users, users_per_batch)])
 
 
 def peak_gemm_gflops(device, size=512, repeats=50):
@@ -191,9 +205,17 @@ def main(argv=None):
         for label, (engine, step, _) in paths.items():
             trainer.engine = make_engine(trainer.model, engine)
             rates[label]["train"].append(subset / timed_training(trainer, users, step, device))
+        outputs = {}  # evaluation changes nothing: the three paths score the same model
         for label, (engine, _, eval_batch) in paths.items():
             trainer.engine = make_engine(trainer.model, engine)
-            rates[label]["eval"].append(subset / timed_evaluation(trainer, subset, eval_batch, device)[0])
+            seconds, outputs[label] = timed_evaluation(trainer, subset, eval_batch, device)
+            rates[label]["eval"].append(subset / seconds)
+    results["evaluated_users"] = {label: len(output) for label, output in outputs.items()}
+    results["agreement"] = {  # max |difference| of the query logits, last round
+        "batched_vs_reference": (outputs["batched"] - outputs["reference"]).abs().max().item(),
+        "sequential_vs_reference": (outputs["sequential"] - outputs["reference"]).abs().max().item(),
+        "device_vs_cpu": (outputs["batched"].cpu() - cpu_outputs(trainer, subset, cfg["eval_batch_users"])).abs().max().item(),
+    }
     comparison = {label: {"engine": engine, "users_per_step": step, "users": subset, "rounds": args.rounds,
                           "train_users_per_second": statistics.median(rates[label]["train"]),
                           "eval_users_per_second": statistics.median(rates[label]["eval"]),

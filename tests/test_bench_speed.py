@@ -33,3 +33,6 @@ def test_speed_benchmark_writes_every_measure(tmp_path):
     assert cost["flop_per_user"] > 1e6 and result["machine"]["peak_gemm_gflops"] > 0
     assert 0 < cost["speedup_at_peak_speed"] < 32
     assert result["peak_rss_mb"] > 0
+    assert result["evaluated_users"] == {"reference": 4, "sequential": 4, "batched": 4}
+    for difference in result["agreement"].values():  # float32: the paths agree to rounding
+        assert 0 <= difference < 1e-4
