@@ -78,15 +78,19 @@ def timed_training(trainer, users, users_per_step, device, rss_samples=None):
     return time.perf_counter() - started
 
 
+def evaluate_users(model, engine, tasks, n_users, users_per_batch):
+    """Query outputs [n_users, Q, n_y] of the first n_users of `tasks`, in batches."""
+    return torch.cat([predict_query(model, engine, select_users(tasks, slice(s, min(s + users_per_batch, n_users))))
+                      for s in range(0, n_users, users_per_batch)])
+
+
 def timed_evaluation(trainer, n_users, users_per_batch, device):
-    """Evaluate the first n_users test users in batches; returns (seconds, outputs [n_users, Q, n_y])."""
+    """Evaluate the first n_users test users; returns (seconds, outputs [n_users, Q, n_y])."""
     synchronize(device)
     started = time.perf_counter()
-    outputs = [predict_query(trainer.model, trainer.engine,
-                             select_users(trainer.test_tasks, slice(s, min(s + users_per_batch, n_users))))
-               for s in range(0, n_users, users_per_batch)]
+    outputs = evaluate_users(trainer.model, trainer.engine, trainer.test_tasks, n_users, users_per_batch)
     synchronize(device)
-    return time.perf_counter() - started, torch.cat(outputs)
+    return time.perf_counter() - started, outputs
 
 
 def cpu_outputs(trainer, n_users, users_per_batch):
@@ -94,9 +98,8 @@ def cpu_outputs(trainer, n_users, users_per_batch):
     model = copy.deepcopy(trainer.model).to("cpu")
     if model.memories is not None:
         model.memories.to("cpu")
-    engine, test = make_engine(model, "batched"), batch_to(trainer.test_tasks, torch.device("cpu"))
-    return torch.cat([predict_query(model, engine, select_users(test, slice(s, min(s + users_per_batch, n_users))))
-                      for s in range(0, n_users, users_per_batch)])
+    test = batch_to(trainer.test_tasks, torch.device("cpu"))
+    return evaluate_users(model, make_engine(model, "batched"), test, n_users, users_per_batch)
 
 
 def peak_gemm_gflops(device, size=512, repeats=50):
