@@ -18,7 +18,6 @@ import pickle
 from collections import Counter
 from pathlib import Path
 
-from data_prep.protocol import SCENARIOS
 from data_prep.raw_io import DataError, is_int, is_number
 
 FORMAT = "mamo-tasks-v1"
@@ -88,7 +87,8 @@ def read_manifest(out_dir: Path) -> dict:
 
 
 def is_int_list(value) -> bool:
-    return isinstance(value, list) and all(is_int(v) for v in value)
+    """A list of ints, bools refused (the types are collected in C: this runs over every code)."""
+    return isinstance(value, list) and set(map(type, value)) <= {int}
 
 
 KINDS = {  # kind: (how an error message names it, its test)
@@ -193,11 +193,27 @@ def code_error(path: Path, where: str, value, field: dict) -> DataError:
                      f"(feature {field['name']} has size {field['size']} in {MANIFEST})")
 
 
+def are_codes(values: list, size: int) -> bool:
+    """Every value an int code into a vocabulary of ``size`` values (fast: one pass, then min/max)."""
+    return is_int_list(values) and (not values or (min(values) >= 0 and max(values) < size))
+
+
 def check_codes(path: Path, values: list, field: dict, where: str) -> None:
     """Every value a code of manifest feature ``field``."""
-    if not all(is_code(v, field["size"]) for v in values):
+    if not are_codes(values, field["size"]):
         k = first_bad(values, lambda v: is_code(v, field["size"]))
         raise code_error(path, f"{where}[{k}]", values[k], field)
+
+
+def check_multi_hot(path: Path, values: list, field: dict, where: str) -> None:
+    """Every value a list of codes of manifest feature ``field`` (checked at once, then one by one on failure)."""
+    if set(map(type, values)) <= {list} and \
+            are_codes([code for active in values for code in active], field["size"]):
+        return
+    for k, active in enumerate(values):
+        if not isinstance(active, list):
+            raise DataError(f"{path}: {where}[{k}] = {shown(active)}, expected a list of codes")
+        check_codes(path, active, field, f"{where}[{k}]")
 
 
 def check_rating_set(path: Path, rating_set, part: str, length: int, manifest: dict, user_is_new: bool) -> None:
@@ -211,13 +227,13 @@ def check_rating_set(path: Path, rating_set, part: str, length: int, manifest: d
                             f"(protocol {part}_size)")
     low, high = manifest["rating_min"], manifest["rating_max"]
     ratings = rating_set["ratings"]
-    if not all(low <= r <= high for r in ratings):
+    if min(ratings) < low or max(ratings) > high:
         k = first_bad(ratings, lambda r: low <= r <= high)
         raise DataError(f"{path}: {part}.ratings[{k}] = {ratings[k]}, expected a rating in {low}..{high} "
                         f"(manifest rating_min, rating_max)")
-    scenarios = rating_set["scenarios"]
-    if not all(0 <= s < len(SCENARIOS) and s // 2 == user_is_new for s in scenarios):
-        k = first_bad(scenarios, lambda s: 0 <= s < len(SCENARIOS) and s // 2 == user_is_new)
+    scenarios, lowest = rating_set["scenarios"], 2 * user_is_new  # new users: 2, 3; existing users: 0, 1
+    if min(scenarios) < lowest or max(scenarios) > lowest + 1:
+        k = first_bad(scenarios, lambda s: lowest <= s <= lowest + 1)
         expected = "2 or 3 (a new user)" if user_is_new else "0 or 1 (an existing user)"
         raise DataError(f"{path}: {part}.scenarios[{k}] = {scenarios[k]}, expected {expected}")
     item_features = entry(path, rating_set, "item_features", "dict", f"{part}.")
@@ -230,10 +246,7 @@ def check_rating_set(path: Path, rating_set, part: str, length: int, manifest: d
         if field["kind"] == "categorical":
             check_codes(path, values, field, where)
         else:
-            for k, active in enumerate(values):
-                if not isinstance(active, list):
-                    raise DataError(f"{path}: {where}[{k}] = {shown(active)}, expected a list of codes")
-                check_codes(path, active, field, f"{where}[{k}]")
+            check_multi_hot(path, values, field, where)
 
 
 def check_task(task, path: Path, manifest: dict, user_id: int, split: str) -> None:
