@@ -41,6 +41,12 @@ config_settings = {
     "prediction": "expected",  # point prediction for MAE/RMSE: expected (probability-weighted) | argmax (released)
     "feature_memory": True,  # profile + embedding memory (personalised theta_u init)
     "task_memory": True,  # task memory cube (personalised mem_layer fast weight)
+    # memory options; the defaults are the published method (departures are listed in the README)
+    "attention_temperature": 1.0,  # T in the memory read a_u = softmax(cos(p_u, M_P) / T); > 0
+    "task_memory_write": "published",  # published: M_k <- (1-gamma) M_k + gamma a_k W'_u | increment: M_k <- M_k + gamma a_k (W'_u - W_u read)
+    "task_memory_init": "normal",  # task slots start N(0, 1) (normal) | at phi's initial mem_layer weight (phi)
+    "clip_query_grad": None,  # None | a norm: clip each user's query gradient over all of theta before the global step and the M_U write (released code: 5)
+    "freeze_mem_layer": False,  # keep phi's mem_layer weight at its initial value (not meta-learned; no effect with the task memory)
     "first_order": True,  # first-order MAML; False differentiates through the local update
     "with_ablation": False,  # also train the memory-free model and report it as no_memory
     "engine": "auto",  # auto (batched when sgd + first order) | batched | reference (one user at a time)
