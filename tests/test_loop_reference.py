@@ -10,7 +10,9 @@ from tests.reference_mamo import LoopMAMO
 N_STEPS = 4
 TOLERANCE = 1e-10
 
-# (overrides, which clips must bite): the options of the published method and its departures.
+# config overrides: the published method with either meta-optimiser, each memory alone, every
+# departure alone and all together, and the memory-free model with a frozen mem_layer weight.
+# SGD with a large step keeps the gradients' scale visible (Adam's steps hide it).
 CASES = {
     "published-sgd": dict(meta_optimizer="sgd", **{"lambda": 0.5}),
     "published-adam": dict(meta_optimizer="adam", **{"lambda": 0.01}),
