@@ -81,9 +81,9 @@ class MAMO(nn.Module):
 
     def meta_parameters(self):
         """What the global step updates: psi and phi, without the mem_layer weight when it comes
-        from the task memory."""
-        return [p for name, p in self.named_parameters()
-                if not (self.config["task_memory"] and name == f"theta_net.{MEM_WEIGHT}")]
+        from the task memory or is frozen (config freeze_mem_layer: kept at its initial value)."""
+        fixed = self.config["task_memory"] or self.config.get("freeze_mem_layer")
+        return [p for name, p in self.named_parameters() if not (fixed and name == f"theta_net.{MEM_WEIGHT}")]
 
     def targets(self, ratings):
         """Ratings -> classes (long) or float ratings (regression)."""
