@@ -6,6 +6,7 @@ a numpy array, ...) is refused with a :class:`DataError` naming the file.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -62,3 +63,15 @@ def load_processed(out_dir: Path) -> tuple[dict, dict[int, dict]]:
         raise DataError(f"{Path(out_dir) / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     user_ids = sorted(manifest["split"]["train"] + manifest["split"]["test"])
     return manifest, {user_id: load_task(task_path(out_dir, user_id)) for user_id in user_ids}
+
+
+def data_checksum(out_dir: Path) -> str:
+    """md5 (hex) over ``manifest.json`` and every ``tasks/*.pkl`` in sorted name order, each file's
+    relative path and size hashed before its bytes: equal iff the processed data is the same."""
+    out_dir = Path(out_dir)
+    digest = hashlib.md5()
+    for path in [out_dir / MANIFEST, *sorted((out_dir / TASKS).glob("*.pkl"))]:
+        data = path.read_bytes()
+        digest.update(f"{path.relative_to(out_dir).as_posix()}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
