@@ -204,7 +204,8 @@ def evaluation_table(user_ids, scenarios, true_ratings, predicted_ratings, ranki
     return table
 
 
-def _format_cell(value) -> str:
+def format_cell(value) -> str:
+    """A table cell: floats to 4 decimals, None as "-"."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -232,7 +233,7 @@ def format_results(results: dict) -> str:
         lines = [f"[{subset}]", header_line]
         for method, table in results.items():
             row = table.get(subset, {})
-            cells = [_format_cell(row.get(column)).rjust(w) for column, w in zip(columns, widths)]
+            cells = [format_cell(row.get(column)).rjust(w) for column, w in zip(columns, widths)]
             lines.append("  ".join([method.ljust(method_width)] + cells))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
