@@ -75,6 +75,7 @@ def test_unwritable_run_dir_is_refused_before_the_data_is_prepared(tmp_path, cap
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.slow  # uses the finished run
 def test_a_run_folder_that_holds_files_is_left_byte_identical(run_copy, tmp_path, capsys):
     before = snapshot(run_copy)
     refused(["--data-dir", str(tmp_path / "data"), "--run-dir", str(run_copy)], capsys,
@@ -111,6 +112,7 @@ def test_resume_of_a_folder_without_a_run(make, tmp_path, capsys):
     assert snapshot(folder) == before
 
 
+@pytest.mark.slow  # uses the finished run
 def test_resume_refuses_flags_that_change_results_naming_them(run_copy, capsys):
     before = snapshot(run_copy)
     message = refused(["--resume", str(run_copy), "--seed", "9", "--users-per-step", "8", "--device", "cpu"], capsys,
@@ -131,6 +133,7 @@ def point_at_data(run_dir, data_dir):
     (run_dir / "config.json").write_text(json.dumps(saved))
 
 
+@pytest.mark.slow  # uses the finished run
 def test_resume_refuses_data_with_another_split(run_copy, tmp_path, capsys):
     other = tmp_path / "other_split"
     prepare("synthetic", None, other, n_users=150, random_state=100, train_ratio=0.6, log=lambda *_: None)
@@ -140,6 +143,7 @@ def test_resume_refuses_data_with_another_split(run_copy, tmp_path, capsys):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow  # uses the finished run
 def test_resume_refuses_changed_data(run_copy, synthetic_dir, tmp_path, capsys):
     changed = tmp_path / "changed"
     shutil.copytree(synthetic_dir, changed)
@@ -163,6 +167,7 @@ class Payload:
         return Path.touch, (Path(self.target),)
 
 
+@pytest.mark.slow  # uses the finished run
 @pytest.mark.parametrize("damage", ["truncated", "crafted torch.save", "crafted pickle", "empty", "foreign dict"])
 def test_damaged_or_crafted_checkpoint_runs_nothing_and_changes_nothing(damage, run_copy, synthetic_dir,
                                                                          tmp_path, capsys):
@@ -189,6 +194,7 @@ def test_damaged_or_crafted_checkpoint_runs_nothing_and_changes_nothing(damage, 
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow  # uses the finished run
 def test_checkpoint_of_other_settings_is_refused(run_copy, synthetic_dir, capsys):
     point_at_data(run_copy, synthetic_dir)
     state = torch.load(run_copy / "checkpoint.pt", weights_only=True)
@@ -201,6 +207,7 @@ def test_checkpoint_of_other_settings_is_refused(run_copy, synthetic_dir, capsys
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow  # uses the finished run
 def test_checkpoints_hold_only_tensors_and_plain_data(finished_run):
     for method in ("mamo", "no_memory", "no_memory_frozen"):
         state = torch.load(mamoRec.method_dir(finished_run.run_dir, method) / "checkpoint.pt", weights_only=True)

@@ -25,7 +25,7 @@ def with_ids(batch, first_user_id):
 
 
 def trainer(tmp_path, **overrides):
-    cfg = small_config(device="cpu", n_epoch=2, **overrides)
+    cfg = small_config(**{"device": "cpu", "n_epoch": 2, **overrides})
     train, test = with_ids(random_batch(10, seed=1), 1), with_ids(random_batch(4, seed=2), 50)
     return mamoRec.MAMRec(cfg, MANIFEST, train, test, tmp_path, torch.device("cpu"), log=lambda line: None)
 
@@ -96,9 +96,9 @@ def test_the_prediction_setting_decides_the_point_prediction(head, tmp_path):
 
 
 def test_ablations_train_without_memories_and_the_frozen_one_without_its_mem_layer(tmp_path):
-    cfg = small_config()
+    cfg = small_config(device="cpu")
     assert mamoRec.method_config(cfg, "mamo") == cfg
-    models = {method: trainer(tmp_path, **mamoRec.ABLATIONS.get(method, {})).model
+    models = {method: trainer(tmp_path, **mamoRec.method_config(cfg, method)).model
               for method in ("mamo", "no_memory", "no_memory_frozen")}
     assert models["mamo"].memories is not None
     assert models["no_memory"].memories is None and models["no_memory_frozen"].memories is None
