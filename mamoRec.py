@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from configs import config_settings
 from data_prep.download import DownloadError
-from data_prep.prepare_data import prepare
+from data_prep.prepare_data import BOOKCROSSING_DATASETS, ensure_prepared, protocol_from_config
+from data_prep.preprocess_BookCrossing import AGE_RANGE as BX_AGE_RANGE, age_bucket_of, country_of
 from data_prep.preprocess_MovieLens import age_bucket
 from data_prep.raw_io import DataError
-from data_prep.task_io import VOCABULARIES, data_checksum, load_processed
+from data_prep.task_io import data_checksum, load_processed, load_vocabularies
 from models import MAMO, make_engine, meta_train_step, predict_query
 from utils import (SCENARIOS, SUBSETS, atomic_write_bytes, atomic_write_json, atomic_write_text, batch_to,
                    environment, evaluation_table, expected_rating, format_cell, format_results, point_prediction,
@@ -83,17 +84,13 @@ def utc_iso(moment):
 
 
 def prepared_tasks(cfg):
-    """(manifest, {user_id: task}) of cfg['data_dir'], prepared first when it holds no manifest."""
-    data_dir = Path(cfg["data_dir"])
-    if not (data_dir / "manifest.json").is_file():
-        prepare(cfg["dataset"], raw_dir=cfg["raw_dir"], out_dir=data_dir, download=cfg["download"],
-                support_size=cfg["support_size"], query_size=cfg["query_size"], seed=cfg["random_state"])
-    manifest, tasks = load_processed(data_dir)
-    prepared = manifest["protocol"]["support_size"], manifest["protocol"]["query_size"]
-    if prepared != (cfg["support_size"], cfg["query_size"]):
-        raise RunError(f"{data_dir}/manifest.json was prepared with support/query sizes {prepared[0]}/{prepared[1]}, "
-                       f"the config asks for {cfg['support_size']}/{cfg['query_size']}: use another --data-dir")
-    return manifest, tasks
+    """(manifest, {user_id: task}) prepared with cfg's protocol settings (prepared first if missing).
+    A data folder prepared with other settings is left alone: the data go to a folder named for the
+    settings, recorded in cfg['data_dir']."""
+    prepared = ensure_prepared(cfg["dataset"], cfg["raw_dir"], cfg["data_dir"], protocol_from_config(cfg),
+                               download=cfg["download"], on_mismatch="new-folder")
+    cfg["data_dir"] = str(prepared.data_dir)
+    return load_processed(prepared.data_dir)
 
 
 def split_batches(manifest, tasks):
@@ -110,7 +107,7 @@ def load_data(cfg):
 def inference_assets(cfg, manifest, tasks, checksum):
     """What `load_run` needs besides the model: the feature schema, the users' field vocabularies
     and the feature codes of every item of the prepared data, keyed by raw item id."""
-    vocabularies = json.loads((Path(cfg["data_dir"]) / VOCABULARIES).read_text(encoding="utf-8"))
+    vocabularies = load_vocabularies(cfg["data_dir"], manifest)
     items = {}
     for user_id in sorted(tasks):
         for part in ("support", "query"):
@@ -597,11 +594,18 @@ def run(cfg, resume=False, overwrite=False, progress=False):
 
 
 def raw_field_value(dataset, field, value):
-    """A raw users-file value as the vocabulary holds it: a stripped string; ML-100K ages in years
-    map to the ML-1M age groups as data preparation does."""
+    """A raw users-file value as the vocabulary holds it, converted as data preparation does: a
+    stripped string; ML-100K ages in years -> the ML-1M age groups; Book-Crossing ages in years ->
+    age groups, locations -> countries."""
     text = str(value).strip()
-    if dataset == "movielens-100k" and field == "age" and text.isdigit():
-        return str(age_bucket(np.array([int(text)]))[0])
+    bookcrossing = dataset in BOOKCROSSING_DATASETS
+    if field == "age" and text.isdigit():
+        if dataset == "movielens-100k":
+            return str(age_bucket(np.array([int(text)]))[0])
+        if bookcrossing and BX_AGE_RANGE[0] <= int(text) <= BX_AGE_RANGE[1]:
+            return age_bucket_of(int(text))
+    if field == "country" and bookcrossing:
+        return country_of(text)
     return text
 
 

@@ -129,6 +129,19 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     assert torch.equal(first.model.memories.task, second.model.memories.task)
 
 
+def test_a_checkpoint_of_another_split_or_other_data_is_refused(tmp_path):
+    trainer(tmp_path).save_checkpoint()
+    moved = trainer(tmp_path)
+    moved.manifest = {**MANIFEST, "split": {"train": [1, 2], "test": [3]}}
+    with pytest.raises(mamoRec.RunError, match="another train/test split than the run"):
+        moved.load_checkpoint()
+    changed = trainer(tmp_path)
+    changed.data_checksum = "0" * 32
+    with pytest.raises(mamoRec.RunError, match="differs from the run's data"):
+        changed.load_checkpoint()
+    assert trainer(tmp_path).load_checkpoint()
+
+
 def test_default_run_folders_are_unique_per_run(tmp_path):
     template = str(tmp_path / "runs" / "{dataset}" / "{timestamp}-seed{seed}")
     started = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
