@@ -483,7 +483,7 @@ def read_run_config(run_dir):
     not a run folder of this version."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise RunError(f"{run_dir} holds no run to resume (no {CONFIG}), expected a folder written by mamoRec.py")
+        raise RunError(f"{run_dir} holds no run (no {CONFIG}), expected a run folder written by mamoRec.py")
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -104,8 +104,8 @@ def test_resume_of_a_folder_without_a_run(make, tmp_path, capsys):
         (folder / "config.json").write_text(json.dumps(run_config()))
     before = snapshot(folder)
     message = refused(["--resume", str(folder)], capsys)
-    expected = {"missing": "holds no run to resume", "empty": "holds no run to resume",
-                "other files": "holds no run to resume", "bad json": "not valid JSON",
+    expected = {"missing": "holds no run (no config.json)", "empty": "holds no run (no config.json)",
+                "other files": "holds no run (no config.json)", "bad json": "not valid JSON",
                 "old format": "not a run's config.json"}[make]
     assert expected in message
     assert snapshot(folder) == before
