@@ -55,38 +55,38 @@ def run_copy(finished_run, tmp_path):
     (["--epochs", "-2"], "--epochs (n_epoch) must be an integer >= 1, got -2"),
     (["--users-per-step", "0"], "--users-per-step (users_per_step) must be an integer >= 1, got 0"),
 ])
-def test_bad_numbers_are_refused_before_anything_is_written(flags, fragment, tmp_path, capsys):
-    refused(["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), *flags], capsys, fragment)
+def test_bad_numbers_are_refused_before_anything_is_written(synthetic_dir, flags, fragment, tmp_path, capsys):
+    refused(["--data-dir", str(synthetic_dir), "--run-dir", str(tmp_path / "run"), *flags], capsys, fragment)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
-    refused(["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), "--device", "cuda"], capsys,
+def test_cuda_without_a_gpu_is_refused(synthetic_dir, tmp_path, capsys):
+    refused(["--data-dir", str(synthetic_dir), "--run-dir", str(tmp_path / "run"), "--device", "cuda"], capsys,
             "--device", "torch.cuda.is_available() is False")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unwritable_run_dir_is_refused_before_the_data_is_prepared(tmp_path, capsys):
+def test_unwritable_run_dir_is_refused(synthetic_dir, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
-    refused(["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "a_file" / "run")], capsys,
+    refused(["--data-dir", str(synthetic_dir), "--run-dir", str(tmp_path / "a_file" / "run")], capsys,
             "cannot be created", "a_file is not a writable folder")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]
 
 
 @pytest.mark.slow  # uses the finished run
-def test_a_run_folder_that_holds_files_is_left_byte_identical(run_copy, tmp_path, capsys):
+def test_a_run_folder_that_holds_files_is_left_byte_identical(synthetic_dir, run_copy, capsys):
     before = snapshot(run_copy)
-    refused(["--data-dir", str(tmp_path / "data"), "--run-dir", str(run_copy)], capsys,
+    refused(["--data-dir", str(synthetic_dir), "--run-dir", str(run_copy)], capsys,
             "already holds files", f"--resume {run_copy}", "--overwrite")
-    assert snapshot(run_copy) == before and not (tmp_path / "data").exists()
+    assert snapshot(run_copy) == before
 
 
-def test_overwrite_only_replaces_a_run_folder(tmp_path, capsys):
+def test_overwrite_only_replaces_a_run_folder(synthetic_dir, tmp_path, capsys):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "thesis.tex").write_text("precious")
-    refused(["--data-dir", str(tmp_path / "data"), "--run-dir", str(notes), "--overwrite"], capsys,
+    refused(["--data-dir", str(synthetic_dir), "--run-dir", str(notes), "--overwrite"], capsys,
             "no config.json", "--overwrite only replaces a run's folder")
     assert snapshot(notes) == {"thesis.tex": b"precious"}
 
