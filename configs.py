@@ -34,8 +34,8 @@ config_settings = {
     "dataset": "movielens",  # movielens | movielens-100k | synthetic | bookcrossing | synthetic-bookcrossing
     "data_dir": "data/processed/{dataset}",  # processed tasks (made by data_prep if missing)
     "raw_dir": "data/raw/{dataset}",  # raw files for data_prep
-    "download": False,  # let mamoRec.py download missing raw MovieLens files
-    "run_dir": "runs/{dataset}",  # metrics.json, config.json, epochs.csv, checkpoints
+    "download": True,  # download missing raw MovieLens / Book-Crossing files (--no-download refuses)
+    "run_dir": "runs/{dataset}/{timestamp}-seed{seed}",  # one new folder per run ({timestamp}: UTC start)
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "seed": 100,  # initialisation, user order and every other random choice in training
     "users_per_step": 32,  # training users per global step (and per vectorised batch)
@@ -61,6 +61,7 @@ config_settings = {
     # control; no effect with the task memory, which gives that weight instead)
     "freeze_mem_layer": False,
     "first_order": True,  # first-order MAML; False differentiates through the local update
-    "with_ablation": False,  # also train the memory-free model and report it as no_memory
+    "freeze_mem_layer": False,  # keep the rec mem_layer weight at its initial value (not meta-learned)
+    "ablation": True,  # also train the memory-free models no_memory and no_memory_frozen (--no-ablation)
     "engine": "auto",  # auto (batched when sgd + first order) | batched | reference (one user at a time)
 }

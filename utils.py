@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import re
 import secrets
-
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -196,7 +198,8 @@ def evaluation_table(user_ids, scenarios, true_ratings, predicted_ratings, ranki
     return table
 
 
-def _format_cell(value) -> str:
+def format_cell(value) -> str:
+    """A table cell: floats to 4 decimals, None as "-"."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -224,7 +227,7 @@ def format_results(results: dict) -> str:
         lines = [f"[{subset}]", header_line]
         for method, table in results.items():
             row = table.get(subset, {})
-            cells = [_format_cell(row.get(column)).rjust(w) for column, w in zip(columns, widths)]
+            cells = [format_cell(row.get(column)).rjust(w) for column, w in zip(columns, widths)]
             lines.append("  ".join([method.ljust(method_width)] + cells))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -277,6 +280,33 @@ def resolve_device(name: str) -> torch.device:
                 f"(cuda:0..cuda:{count - 1})"
             )
     return torch.device(name)
+
+
+def git_state(folder=Path(__file__).resolve().parent) -> dict:
+    """{"git_commit": HEAD's hash, "git_dirty": whether tracked files differ from it} of the
+    checkout holding `folder`; both None when git or the checkout is unavailable (never raises)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"),
+                "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+
+
+def environment(device: torch.device) -> dict:
+    """What a run's numbers depend on besides its settings and data: the resolved device, torch's
+    CPU thread count, the torch / numpy / python versions, the platform and the code's git state."""
+    return {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **git_state(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +363,8 @@ class TaskBatch:
     ratings: torch.Tensor  # [B, N] long
     scenarios: torch.Tensor  # [B, N] long, 0..3
     support_size: int
+    user_ids: torch.Tensor | None = None  # [B] long, the raw user ids (batches built from task files)
+    item_ids: torch.Tensor | None = None  # [B, N] long, the raw item ids
 
 
 def tasks_to_batch(manifest, tasks):
@@ -364,6 +396,8 @@ def tasks_to_batch(manifest, tasks):
         ratings=torch.tensor([both(task, "ratings") for task in tasks], dtype=torch.long),
         scenarios=torch.tensor([both(task, "scenarios") for task in tasks], dtype=torch.long),
         support_size=support_size,
+        user_ids=torch.tensor([task["user_id"] for task in tasks], dtype=torch.long),
+        item_ids=torch.tensor([both(task, "item_ids") for task in tasks], dtype=torch.long),
     )
 
 
@@ -375,6 +409,8 @@ def _map_batch(batch, transform):
         ratings=transform(batch.ratings),
         scenarios=transform(batch.scenarios),
         support_size=batch.support_size,
+        user_ids=None if batch.user_ids is None else transform(batch.user_ids),
+        item_ids=None if batch.item_ids is None else transform(batch.item_ids),
     )
 
 

@@ -43,7 +43,7 @@ def main(argv=None):
     cfg.update(data_dir=args.data_dir, seed=args.seed)
     manifest, train_tasks, test_tasks = load_data(cfg)
     results = {"dataset": manifest["dataset"], "seed": args.seed,
-               "support_mean": overall(reference_rows(manifest, train_tasks, test_tasks)["support_mean"])}
+               "support_mean": overall(reference_rows(train_tasks, test_tasks)["support_mean"])}
 
     trainer, _ = train(cfg, manifest, train_tasks, test_tasks, args.run_dir)
     prediction = {}

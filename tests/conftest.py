@@ -2,7 +2,11 @@
 import copy
 import functools
 import http.server
+import io
+import shutil
 import threading
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -52,6 +56,56 @@ def random_batch(n_users, support_size=6, query_size=3, seed=0, features=TINY_FE
         scenarios=torch.randint(0, 4, (n_users, n), generator=gen),
         support_size=support_size,
     )
+
+
+def run_config(**overrides):
+    """`small_config` for runs on the `synthetic_dir` data: 15 support + 5 query ratings, 2 epochs, CPU."""
+    settings = dict(dataset="synthetic", support_size=15, query_size=5, batch_size=5, n_epoch=2, users_per_step=16,
+                    device="cpu")
+    return small_config(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """A prepared synthetic dataset of 150 users (15 + 5 ratings each), shared: do not modify it."""
+    from data_prep.prepare_data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    prepare("synthetic", None, out, n_users=150, log=lambda *_: None)
+    return out
+
+
+@dataclass
+class FinishedRun:
+    """A run made by the command line, with what it printed."""
+    run_dir: Path
+    data_checksum: str
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, synthetic_dir):
+    """`python mamoRec.py --data-dir DATA --seed 5` with `run_config()` as configs.py: 2 epochs, the
+    ablations, the default run folder (under a fresh working folder). DATA, a copy of synthetic_dir,
+    is deleted afterwards, so everything that works from the run folder works without the data.
+    Shared: copy the run folder before changing anything in it."""
+    import mamoRec
+    from data_prep.task_io import data_checksum
+
+    work = tmp_path_factory.mktemp("finished")
+    data = work / "data"
+    shutil.copytree(synthetic_dir, data)
+    checksum = data_checksum(data)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
+        patch.setattr(mamoRec, "config_settings", run_config())
+        patch.chdir(work)
+        exit_code = mamoRec.main(["--data-dir", str(data), "--seed", "5"])
+    shutil.rmtree(data)
+    (run_dir,) = (work / "runs" / "synthetic").iterdir()
+    return FinishedRun(run_dir, checksum, exit_code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture

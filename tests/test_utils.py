@@ -136,9 +136,9 @@ def test_tasks_to_batch_stacks_support_then_query_and_pads_multi_hot():
 
     def task(user, ratings, genres):
         def part(rows):
-            return {"ratings": [ratings[i] for i in rows], "scenarios": [i % 4 for i in rows],
+            return {"item_ids": [20 + i for i in rows], "ratings": [ratings[i] for i in rows], "scenarios": [i % 4 for i in rows],
                     "item_features": {"year": [i % 3 for i in rows], "genre": [genres[i] for i in rows]}}
-        return {"user_features": [user], "support": part([0, 1]), "query": part([2])}
+        return {"user_id": 10 + user, "user_features": [user], "support": part([0, 1]), "query": part([2])}
 
     batch = tasks_to_batch(manifest, [task(1, [5, 4, 3], [[0], [1, 2], []]), task(0, [1, 2, 3], [[3], [0], [2]])])
     assert batch.support_size == 2
@@ -147,5 +147,6 @@ def test_tasks_to_batch_stacks_support_then_query_and_pads_multi_hot():
     assert batch.item_features["year"].tolist() == [[0, 1, 2], [0, 1, 2]]
     # widest row has 2 genres; padding index = vocabulary size 4
     assert batch.item_features["genre"].tolist() == [[[0, 4], [1, 2], [4, 4]], [[3, 4], [0, 4], [2, 4]]]
+    assert batch.user_ids.tolist() == [11, 10] and batch.item_ids.tolist() == [[20, 21, 22], [20, 21, 22]]
     second = select_users(batch, torch.tensor([1]))
-    assert second.ratings.tolist() == [[1, 2, 3]] and second.support_size == 2
+    assert second.ratings.tolist() == [[1, 2, 3]] and second.support_size == 2 and second.user_ids.tolist() == [10]
