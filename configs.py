@@ -25,7 +25,7 @@ config_settings = {
     "random_state": 100,  # seed of the train/test user split (data preparation)
     "activation": "leaky_relu",  # hidden activation: leaky_relu (slope 0.1) or relu
     # --- settings added by this implementation ---
-    "dataset": "movielens",  # movielens | movielens-100k | synthetic | bookcrossing | synthetic-bookcrossing
+    "dataset": "movielens",  # movielens | movielens-100k | synthetic | synthetic-types | bookcrossing | synthetic-bookcrossing
     "data_dir": "data/processed/{dataset}",  # processed tasks (made by data_prep if missing)
     "raw_dir": "data/raw/{dataset}",  # raw files for data_prep
     "download": False,  # let mamoRec.py download missing raw MovieLens files
@@ -33,6 +33,7 @@ config_settings = {
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "seed": 100,  # initialisation, user order and every other random choice in training
     "users_per_step": 32,  # training users per global step (and per vectorised batch)
+    "lambda_scaling": "none",  # lambda is the rate at 32 users per step; other step sizes: none | sqrt | linear (meta_lr.py)
     "eval_batch_users": 256,  # test users evaluated together (evaluation writes nothing)
     "local_optimizer": "sgd",  # sgd (plain gradient descent) | adam (released code's choice)
     "meta_optimizer": "adam",  # optimiser of the global step: adam | sgd

@@ -21,6 +21,7 @@ from data_prep.download import DownloadError
 from data_prep.prepare_data import prepare
 from data_prep.raw_io import DataError
 from data_prep.task_io import load_processed
+from meta_lr import meta_learning_rate
 from models import MAMO, make_engine, meta_train_step, predict_query
 from utils import (SUBSETS, atomic_write_bytes, atomic_write_json, atomic_write_text, batch_to,
                    evaluation_table, expected_rating, format_results, point_prediction, resolve_device,
@@ -89,7 +90,8 @@ class MAMRec:
         optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
         if cfg["meta_optimizer"] not in optimizers:
             raise ValueError(f"meta_optimizer must be 'adam' or 'sgd', got {cfg['meta_optimizer']!r}")
-        self.optimizer = optimizers[cfg["meta_optimizer"]](self.model.meta_parameters(), lr=cfg["lambda"])
+        self.optimizer = optimizers[cfg["meta_optimizer"]](self.model.meta_parameters(), lr=meta_learning_rate(
+            cfg["lambda"], cfg["users_per_step"], cfg["lambda_scaling"]))
         self.epochs, self.epoch, self.train_seconds, self.eval_seconds = [], 0, 0.0, 0.0
 
     def user_order(self, epoch):
@@ -211,7 +213,7 @@ def run(cfg, resume=False):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", help="movielens | movielens-100k | synthetic | bookcrossing | synthetic-bookcrossing")
+    parser.add_argument("--dataset", help="movielens | movielens-100k | synthetic | synthetic-types | bookcrossing | synthetic-bookcrossing")
     parser.add_argument("--data-dir", help="processed tasks folder (default from configs.py)")
     parser.add_argument("--raw-dir", help="raw data folder for data_prep")
     parser.add_argument("--run-dir", help="output folder (default runs/<dataset>)")
