@@ -4,6 +4,7 @@
     python -m data_prep.prepare_data --dataset movielens-100k --raw-dir RAW --out-dir OUT [--download]
     python -m data_prep.prepare_data --dataset bookcrossing   --raw-dir RAW --out-dir OUT [--download]
     python -m data_prep.prepare_data --dataset synthetic      --out-dir OUT [--n-users N] [--seed S]
+    python -m data_prep.prepare_data --dataset synthetic-types --out-dir OUT [--n-users N] [--seed S]
     python -m data_prep.prepare_data --dataset synthetic-bookcrossing --out-dir OUT [--n-users N] [--seed S]
 
 The output is built in a temporary sibling folder and renamed into place, so an interrupted run
@@ -28,12 +29,14 @@ from data_prep.preprocess_BookCrossing import BX_DEFAULTS, BX_FILES, load_bookcr
 from data_prep.preprocess_MovieLens import LOADERS, RAW_FILES, ProtocolResult, RawDataset, apply_protocol
 from data_prep.raw_io import DataError, md5_of
 from data_prep.synthetic import write_synthetic_bookcrossing, write_synthetic_movielens
+from data_prep.synthetic_types import write_synthetic_types
 from data_prep.task_io import FORMAT, MANIFEST, TASKS, VOCABULARIES, read_manifest, task_path, write_json, write_task
 
 BOOKCROSSING_DATASETS = ("bookcrossing", "synthetic-bookcrossing")
 DATASETS = (*LOADERS, *BOOKCROSSING_DATASETS)
 DATASET_RAW_FILES = {**RAW_FILES, **{name: BX_FILES for name in BOOKCROSSING_DATASETS}}
-SYNTHETIC_WRITERS = {"synthetic": write_synthetic_movielens, "synthetic-bookcrossing": write_synthetic_bookcrossing}
+SYNTHETIC_WRITERS = {"synthetic": write_synthetic_movielens, "synthetic-types": write_synthetic_types,
+                     "synthetic-bookcrossing": write_synthetic_bookcrossing}
 DATASET_DEFAULTS = {name: BX_DEFAULTS for name in BOOKCROSSING_DATASETS}
 ITEM_KEYS = "item_keys.json"
 DEFAULT_PROTOCOL = {
@@ -231,7 +234,7 @@ def prepare(dataset: str, raw_dir: Path | str | None, out_dir: Path | str, *, do
 
     protocol_settings: any of DEFAULT_PROTOCOL's keys (support_size, query_size, random_state, ...),
     and for Book-Crossing datasets BX_DEFAULTS' keys (bx_user_rule, pooling thresholds); ``seed`` is
-    accepted as an alias of random_state. For ``synthetic`` and ``synthetic-bookcrossing``, raw files
+    accepted as an alias of random_state. For the synthetic datasets (SYNTHETIC_WRITERS), raw files
     are generated with seed random_state into ``raw_dir`` when given, else into ``out_dir/raw``.
     """
     if dataset not in DATASETS:

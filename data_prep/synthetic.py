@@ -92,7 +92,7 @@ def draw_items(rng: np.random.Generator, n_items: int) -> dict:
             "year": year, "affinity": affinity, "popularity": rng.permutation(np.arange(1, n_items + 1) ** -0.9)}
 
 
-def draw_ratings(rng: np.random.Generator, users: dict, items: dict) -> dict[str, np.ndarray]:
+def draw_ratings(rng: np.random.Generator, users: dict, items: dict, noise_std: float = NOISE_STD) -> dict[str, np.ndarray]:
     """Rating events (user index, item index, rating 1..5, timestamp), grouped by user."""
     n_users, n_items = len(users["type"]), len(items["year"])
     counts = np.minimum(20 + np.floor(rng.lognormal(np.log(105), 1.0, n_users)), 0.6 * n_items).astype(np.int64)
@@ -102,7 +102,7 @@ def draw_ratings(rng: np.random.Generator, users: dict, items: dict) -> dict[str
     item = np.concatenate([rng.choice(n_items, size=k, replace=False, p=popularity) for k in counts])
     user = np.repeat(np.arange(n_users), counts)
     score = (3.6 + users["bias"][user] + AFFINITY_SCALE * items["affinity"][users["type"][user], item]
-             + rng.normal(0.0, NOISE_STD, len(user)))
+             + rng.normal(0.0, noise_std, len(user)))
     start = np.where(late, FIRST_TIMESTAMP + rng.integers(240 * DAY, 1000 * DAY, n_users),
                      FIRST_TIMESTAMP + rng.integers(0, 180 * DAY, n_users))
     gap_scale = np.exp(rng.uniform(np.log(5.0), np.log(DAY), n_users))
@@ -151,7 +151,12 @@ def write_synthetic_movielens(raw_dir: Path, n_users: int = 6040, seed: int = 10
     n_items = max(100, round(ITEMS_PER_USER * n_users))
     users = draw_users(rng, n_users)
     items = draw_items(rng, n_items)
-    ratings = draw_ratings(rng, users, items)
+    write_movielens_files(raw_dir, users, items, draw_ratings(rng, users, items))
+
+
+def write_movielens_files(raw_dir: Path, users: dict, items: dict, ratings: dict) -> None:
+    """Write drawn users, items and ratings as ML-1M's three raw files into ``raw_dir`` (which exists)."""
+    n_items = len(items["year"])
     user_lines = [f"{u + 1}::{g}::{a}::{o}::{z}" for u, (g, a, o, z) in
                   enumerate(zip(users["gender"], users["age"].tolist(), users["occupation"].tolist(), users["zip"].tolist()))]
     (raw_dir / "users.dat").write_text("\n".join(user_lines) + "\n", encoding="latin-1")

@@ -46,3 +46,27 @@ def random_ratings(user_ids, movie_ids, seed: int, per_user=(20, 60), start=956_
         times = start + rng.integers(0, span, size=len(items))
         ratings += [(int(user), int(i), int(rng.integers(1, 6)), int(t)) for i, t in zip(items, times)]
     return ratings
+
+
+def item_design(rating_set, sizes):
+    """Rows [genre multi-hot, rate one-hot, 1] for a SET: float array (n_ratings, n_genres + n_rates + 1)."""
+    rows = np.zeros((len(rating_set["ratings"]), sizes["genre"] + sizes["rate"] + 1))
+    for k, (genres, rate) in enumerate(zip(rating_set["item_features"]["genre"], rating_set["item_features"]["rate"])):
+        rows[k, genres] = 1.0
+        rows[k, sizes["genre"] + rate] = 1.0
+    rows[:, -1] = 1.0
+    return rows
+
+
+def rmse(errors):
+    return float(np.sqrt(np.mean(np.square(errors))))
+
+
+def ridge_weights(design, targets, penalty):
+    """argmin_w |design @ w - targets|^2 + penalty * |w|^2 (float arrays (n, f) and (n,))."""
+    return np.linalg.solve(design.T @ design + penalty * np.eye(design.shape[1]), design.T @ targets)
+
+
+def folder_bytes(folder: Path) -> dict:
+    """{relative path: bytes} of every file under ``folder``."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

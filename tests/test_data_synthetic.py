@@ -6,6 +6,7 @@ import pytest
 
 from data_prep.prepare_data import prepare
 from data_prep.task_io import load_processed
+from tests.data_helpers import folder_bytes, item_design, ridge_weights, rmse
 
 N_USERS = 600
 
@@ -17,10 +18,6 @@ def synthetic(tmp_path_factory):
     prepare("synthetic", None, out, n_users=N_USERS, seed=3, log=lambda m: None)
     manifest, tasks = load_processed(out)
     return out, manifest, tasks
-
-
-def folder_bytes(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path, synthetic):
@@ -50,20 +47,6 @@ def test_cold_start_coverage(synthetic):
     assert all(count > 0 for count in manifest["test_query_scenario_counts"].values())
 
 
-def item_design(rating_set, sizes):
-    """Rows [genre multi-hot, rate one-hot, 1] for a SET: float array (n_ratings, n_genres + n_rates + 1)."""
-    rows = np.zeros((len(rating_set["ratings"]), sizes["genre"] + sizes["rate"] + 1))
-    for k, (genres, rate) in enumerate(zip(rating_set["item_features"]["genre"], rating_set["item_features"]["rate"])):
-        rows[k, genres] = 1.0
-        rows[k, sizes["genre"] + rate] = 1.0
-    rows[:, -1] = 1.0
-    return rows
-
-
-def rmse(errors):
-    return float(np.sqrt(np.mean(np.square(errors))))
-
-
 def test_features_plus_support_beat_support_mean(synthetic):
     """A per-user ridge regression on item features, fitted on the 15 support ratings only, beats
     the support mean on the query: the planted signal is learnable from features + support."""
@@ -73,8 +56,7 @@ def test_features_plus_support_beat_support_mean(synthetic):
     for task in tasks.values():
         support, query = task["support"], task["query"]
         design, ratings = item_design(support, sizes), np.asarray(support["ratings"], dtype=float)
-        weights = np.linalg.solve(design.T @ design + 3.0 * np.eye(design.shape[1]),
-                                  design.T @ (ratings - ratings.mean()))
+        weights = ridge_weights(design, ratings - ratings.mean(), 3.0)
         predicted = np.clip(ratings.mean() + item_design(query, sizes) @ weights, 1, 5)
         mean_errors += list(np.asarray(query["ratings"]) - ratings.mean())
         adapted_errors += list(np.asarray(query["ratings"]) - predicted)
