@@ -33,7 +33,7 @@ config_settings = {
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "seed": 100,  # initialisation, user order and every other random choice in training
     "users_per_step": 32,  # training users per global step (and per vectorised batch)
-    "lambda_scaling": "none",  # lambda is the rate at 32 users per step; other step sizes: none | sqrt | linear (meta_lr.py)
+    "meta_step_scaling": "sde",  # lambda is for 32 users/step; rule for others: sde | sqrt | linear | none (meta_step.py)
     "eval_batch_users": 256,  # test users evaluated together (evaluation writes nothing)
     "local_optimizer": "sgd",  # sgd (plain gradient descent) | adam (released code's choice)
     "meta_optimizer": "adam",  # optimiser of the global step: adam | sgd

@@ -21,7 +21,7 @@ from data_prep.download import DownloadError
 from data_prep.prepare_data import prepare
 from data_prep.raw_io import DataError
 from data_prep.task_io import load_processed
-from meta_lr import meta_learning_rate
+from meta_step import meta_step_settings
 from models import MAMO, make_engine, meta_train_step, predict_query
 from utils import (SUBSETS, atomic_write_bytes, atomic_write_json, atomic_write_text, batch_to,
                    evaluation_table, expected_rating, format_results, point_prediction, resolve_device,
@@ -90,8 +90,8 @@ class MAMRec:
         optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
         if cfg["meta_optimizer"] not in optimizers:
             raise ValueError(f"meta_optimizer must be 'adam' or 'sgd', got {cfg['meta_optimizer']!r}")
-        self.optimizer = optimizers[cfg["meta_optimizer"]](self.model.meta_parameters(), lr=meta_learning_rate(
-            cfg["lambda"], cfg["users_per_step"], cfg["lambda_scaling"]))
+        self.optimizer = optimizers[cfg["meta_optimizer"]](self.model.meta_parameters(), **meta_step_settings(
+            cfg["meta_optimizer"], cfg["lambda"], cfg["users_per_step"], cfg["meta_step_scaling"]))
         self.epochs, self.epoch, self.train_seconds, self.eval_seconds = [], 0, 0.0, 0.0
 
     def user_order(self, epoch):
