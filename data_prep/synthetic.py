@@ -65,6 +65,11 @@ def draw_users(rng: np.random.Generator, n_users: int) -> dict[str, np.ndarray]:
     }
 
 
+def movielens_item_count(n_users: int) -> int:
+    """Items to draw for n_users users: ML-1M's items per user, at least 100."""
+    return max(100, round(ITEMS_PER_USER * n_users))
+
+
 def draw_items(rng: np.random.Generator, n_items: int) -> dict:
     """Per item: genres (lists of indices), director indices, co-director, rate, year, affinity.
 
@@ -141,16 +146,21 @@ def items_without_metadata(n_items: int) -> set[int]:
     return {n_items // 3, (2 * n_items) // 3}
 
 
-def write_synthetic_movielens(raw_dir: Path, n_users: int = 6040, seed: int = 100) -> None:
-    """Write ``ratings.dat``, ``users.dat``, ``movies_extrainfos.dat`` (ML-1M format) into ``raw_dir``."""
+def created_raw_dir(raw_dir: Path, n_users: int) -> Path:
+    """``raw_dir`` as a Path, created if missing; refuses fewer than 10 users."""
     if n_users < 10:
         raise ValueError(f"n_users = {n_users}, expected at least 10")
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
+    return raw_dir
+
+
+def write_synthetic_movielens(raw_dir: Path, n_users: int = 6040, seed: int = 100) -> None:
+    """Write ``ratings.dat``, ``users.dat``, ``movies_extrainfos.dat`` (ML-1M format) into ``raw_dir``."""
+    raw_dir = created_raw_dir(raw_dir, n_users)
     rng = np.random.default_rng(seed)
-    n_items = max(100, round(ITEMS_PER_USER * n_users))
     users = draw_users(rng, n_users)
-    items = draw_items(rng, n_items)
+    items = draw_items(rng, movielens_item_count(n_users))
     write_movielens_files(raw_dir, users, items, draw_ratings(rng, users, items))
 
 
@@ -220,10 +230,7 @@ def write_synthetic_bookcrossing(raw_dir: Path, n_users: int = 6040, seed: int =
     ISBNs without a book row, lower-case ISBNs, one book line with ``\\";`` (repairable) and 20 %
     more users without any rating. Deterministic for a given ``(n_users, seed)``.
     """
-    if n_users < 10:
-        raise ValueError(f"n_users = {n_users}, expected at least 10")
-    raw_dir = Path(raw_dir)
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    raw_dir = created_raw_dir(raw_dir, n_users)
     rng = np.random.default_rng(seed)
     n_items = max(100, round(BX_ITEMS_PER_USER * n_users))
     n_authors, n_publishers = max(5, n_items // 4), 12

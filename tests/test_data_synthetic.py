@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.prepare_data import prepare
 from data_prep.task_io import load_processed
-from tests.data_helpers import folder_bytes, item_design, ridge_weights, rmse
+from tests.data_helpers import assert_seed_decides_the_bytes, item_design, prepare_generated, ridge_weights, rmse
 
 N_USERS = 600
 
@@ -15,17 +14,13 @@ N_USERS = 600
 def synthetic(tmp_path_factory):
     """(output folder, manifest, tasks) of a 600-user synthetic dataset."""
     out = tmp_path_factory.mktemp("synthetic") / "out"
-    prepare("synthetic", None, out, n_users=N_USERS, seed=3, log=lambda m: None)
+    prepare_generated("synthetic", out, N_USERS, 3)
     manifest, tasks = load_processed(out)
     return out, manifest, tasks
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path, synthetic):
-    out, manifest, _ = synthetic
-    prepare("synthetic", None, tmp_path / "again", n_users=N_USERS, seed=3, log=lambda m: None)
-    assert folder_bytes(tmp_path / "again") == folder_bytes(out)
-    other = prepare("synthetic", None, tmp_path / "other", n_users=N_USERS, seed=4, log=lambda m: None)
-    assert other["checksums"]["ratings.dat"] != manifest["checksums"]["ratings.dat"]
+    assert_seed_decides_the_bytes("synthetic", synthetic[0], N_USERS, 3, tmp_path)
 
 
 def test_raw_files_look_like_movielens_1m(synthetic):

@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.prepare_data import prepare
 from data_prep.synthetic import AFFINITY_SCALE
 from data_prep.synthetic_types import TASTE_SCALE, draw_profiled_users, type_affinity, user_type
 from data_prep.task_io import load_processed
-from tests.data_helpers import folder_bytes, item_design, ridge_weights, rmse
+from tests.data_helpers import assert_seed_decides_the_bytes, item_design, prepare_generated, ridge_weights, rmse
 
 N_USERS = 1000
 
@@ -20,17 +19,13 @@ N_USERS = 1000
 def planted(tmp_path_factory):
     """(output folder, manifest, tasks) of a 1000-user synthetic-types dataset."""
     out = tmp_path_factory.mktemp("types") / "out"
-    prepare("synthetic-types", None, out, n_users=N_USERS, seed=5, log=lambda m: None)
+    prepare_generated("synthetic-types", out, N_USERS, 5)
     manifest, tasks = load_processed(out)
     return out, manifest, tasks
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path, planted):
-    out, manifest, _ = planted
-    prepare("synthetic-types", None, tmp_path / "again", n_users=N_USERS, seed=5, log=lambda m: None)
-    assert folder_bytes(tmp_path / "again") == folder_bytes(out)
-    other = prepare("synthetic-types", None, tmp_path / "other", n_users=N_USERS, seed=6, log=lambda m: None)
-    assert other["checksums"]["ratings.dat"] != manifest["checksums"]["ratings.dat"]
+    assert_seed_decides_the_bytes("synthetic-types", planted[0], N_USERS, 5, tmp_path)
 
 
 def test_type_is_twice_female_plus_older():
