@@ -44,6 +44,13 @@ def user_type(gender: np.ndarray, age: np.ndarray) -> np.ndarray:
     return 2 * (np.asarray(gender) == "F") + (np.asarray(age) >= OLDER_FROM_AGE)
 
 
+def task_type(task: dict, user_vocabularies: dict) -> int:
+    """The planted type of a prepared task's user, decoded from its (gender, age, occupation) codes
+    with the prepared data's user vocabularies (vocabularies.json["user"])."""
+    gender, age, _ = task["user_features"]
+    return int(user_type(user_vocabularies["gender"][gender], int(user_vocabularies["age"][age])))
+
+
 def draw_profiled_users(rng: np.random.Generator, n_users: int) -> dict[str, np.ndarray]:
     """Per user: gender, age bucket, occupation, zip, bias, and the type they imply."""
     older = rng.random(n_users) < 0.5

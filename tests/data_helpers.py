@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.prepare_data import prepare
-from data_prep.task_io import read_manifest
+from data_prep.task_io import load_processed, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -51,25 +51,6 @@ def random_ratings(user_ids, movie_ids, seed: int, per_user=(20, 60), start=956_
     return ratings
 
 
-def item_design(rating_set, sizes):
-    """Rows [genre multi-hot, rate one-hot, 1] for a SET: float array (n_ratings, n_genres + n_rates + 1)."""
-    rows = np.zeros((len(rating_set["ratings"]), sizes["genre"] + sizes["rate"] + 1))
-    for k, (genres, rate) in enumerate(zip(rating_set["item_features"]["genre"], rating_set["item_features"]["rate"])):
-        rows[k, genres] = 1.0
-        rows[k, sizes["genre"] + rate] = 1.0
-    rows[:, -1] = 1.0
-    return rows
-
-
-def rmse(errors):
-    return float(np.sqrt(np.mean(np.square(errors))))
-
-
-def ridge_weights(design, targets, penalty):
-    """argmin_w |design @ w - targets|^2 + penalty * |w|^2 (float arrays (n, f) and (n,))."""
-    return np.linalg.solve(design.T @ design + penalty * np.eye(design.shape[1]), design.T @ targets)
-
-
 def folder_bytes(folder: Path) -> dict:
     """{relative path: bytes} of every file under ``folder``."""
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -78,6 +59,14 @@ def folder_bytes(folder: Path) -> dict:
 def prepare_generated(dataset: str, out: Path, n_users: int, seed: int) -> dict:
     """Generate and prepare a synthetic ``dataset`` into ``out`` (raw files in ``out/raw``), quietly."""
     return prepare(dataset, None, out, n_users=n_users, seed=seed, log=lambda m: None)
+
+
+def generated_dataset(tmp_path_factory, dataset: str, n_users: int, seed: int) -> tuple[Path, dict, dict]:
+    """(output folder, manifest, tasks) of a freshly generated and prepared synthetic ``dataset``."""
+    out = tmp_path_factory.mktemp(dataset) / "out"
+    prepare_generated(dataset, out, n_users, seed)
+    manifest, tasks = load_processed(out)
+    return out, manifest, tasks
 
 
 def assert_seed_decides_the_bytes(dataset: str, out: Path, n_users: int, seed: int, scratch: Path) -> None:

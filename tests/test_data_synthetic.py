@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.task_io import load_processed
-from tests.data_helpers import assert_seed_decides_the_bytes, item_design, prepare_generated, ridge_weights, rmse
+from data_prep.ridge_references import item_design, ridge_weights, rmse
+from tests.data_helpers import assert_seed_decides_the_bytes, generated_dataset
 
 N_USERS = 600
 
@@ -13,10 +13,7 @@ N_USERS = 600
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """(output folder, manifest, tasks) of a 600-user synthetic dataset."""
-    out = tmp_path_factory.mktemp("synthetic") / "out"
-    prepare_generated("synthetic", out, N_USERS, 3)
-    manifest, tasks = load_processed(out)
-    return out, manifest, tasks
+    return generated_dataset(tmp_path_factory, "synthetic", N_USERS, 3)
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path, synthetic):
