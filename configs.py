@@ -3,7 +3,11 @@
 The first block holds the released MAMO keys with their released values (SPEC §6); the second
 block holds settings this implementation adds. Any default that departs from the released code
 is listed, with its measured reason, in the README's fidelity table.
+
+The data protocol's settings (support_size ... item_cold_max_ratings) take their defaults from
+data_prep/protocol.py; a prepared data folder is used only if it was prepared with exactly them.
 """
+from data_prep.protocol import DEFAULT_PROTOCOL
 
 config_settings = {
     # --- released keys (dongmanqing/Code-for-MAMO configs.py) ---
@@ -19,12 +23,14 @@ config_settings = {
     "batch_size": 5,  # local-update mini-batch size (support ratings per step)
     "n_inner_loop": 3,  # local-update passes over the support set
     "n_epoch": 3,  # meta-training epochs
-    "support_size": 15,  # support ratings per user (first in time)
-    "query_size": 5,  # query ratings per user (last in time)
-    "split_ratio": 0.8,  # share of users used for meta-training
-    "random_state": 100,  # seed of the train/test user split (data preparation)
+    "support_size": DEFAULT_PROTOCOL["support_size"],  # support ratings per user (first in time)
+    "query_size": DEFAULT_PROTOCOL["query_size"],  # query ratings per user (last in time)
+    "train_ratio": DEFAULT_PROTOCOL["train_ratio"],  # share of users used for meta-training (released: split_ratio)
+    "random_state": DEFAULT_PROTOCOL["random_state"],  # seed of the train/test user split (data preparation)
     "activation": "leaky_relu",  # hidden activation: leaky_relu (slope 0.1) or relu
     # --- settings added by this implementation ---
+    "time_split_ratio": DEFAULT_PROTOCOL["time_split_ratio"],  # split_time: this share of all ratings is earlier
+    "item_cold_max_ratings": DEFAULT_PROTOCOL["item_cold_max_ratings"],  # an item is new iff at most this many
     "dataset": "movielens",  # movielens | movielens-100k | synthetic | synthetic-types | bookcrossing | synthetic-bookcrossing
     "data_dir": "data/processed/{dataset}",  # processed tasks (made by data_prep if missing)
     "raw_dir": "data/raw/{dataset}",  # raw files for data_prep

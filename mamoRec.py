@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from configs import config_settings
 from data_prep.download import DownloadError
-from data_prep.prepare_data import prepare
+from data_prep.prepare_data import ensure_prepared, protocol_from_config
 from data_prep.raw_io import DataError
 from data_prep.task_io import load_processed
 from meta_step import meta_step_settings
@@ -31,17 +31,15 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def load_data(cfg):
-    """Processed tasks for cfg['dataset'] (prepared first if missing): (manifest, train, test) batches."""
-    data_dir = Path(cfg["data_dir"])
-    if not (data_dir / "manifest.json").is_file():
-        prepare(cfg["dataset"], raw_dir=cfg["raw_dir"], out_dir=data_dir, download=cfg["download"],
-                support_size=cfg["support_size"], query_size=cfg["query_size"], seed=cfg["random_state"])
-    manifest, tasks = load_processed(data_dir)
-    if manifest["protocol"]["support_size"] != cfg["support_size"] or \
-            manifest["protocol"]["query_size"] != cfg["query_size"]:
-        raise ValueError(f"{data_dir}/manifest.json was prepared with support/query sizes "
-                         f"{manifest['protocol']['support_size']}/{manifest['protocol']['query_size']}, "
-                         f"config asks for {cfg['support_size']}/{cfg['query_size']}: re-run data_prep")
+    """Processed tasks for cfg['dataset'] with cfg's protocol settings: (manifest, train, test) batches.
+
+    A data folder prepared with other settings is left alone: the data go to a folder named for
+    the settings, recorded in cfg['data_dir'].
+    """
+    prepared = ensure_prepared(cfg["dataset"], cfg["raw_dir"], cfg["data_dir"], protocol_from_config(cfg),
+                               download=cfg["download"], on_mismatch="new-folder")
+    cfg["data_dir"] = str(prepared.data_dir)
+    manifest, tasks = load_processed(prepared.data_dir)
     train = tasks_to_batch(manifest, [tasks[u] for u in manifest["split"]["train"]])
     test = tasks_to_batch(manifest, [tasks[u] for u in manifest["split"]["test"]])
     return manifest, train, test

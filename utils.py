@@ -17,17 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data_prep.protocol import SCENARIOS
+
 # ---------------------------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------------------------
-
-#: Scenario names; the index is the scenario code (0..3) stored with every rating.
-SCENARIOS = (
-    "existing_user_existing_item",
-    "existing_user_new_item",
-    "new_user_existing_item",
-    "new_user_new_item",
-)
 
 #: Subsets of an evaluation table, in report order.
 SUBSETS = SCENARIOS + ("all",)
@@ -342,7 +336,7 @@ class TaskBatch:
 
 
 def tasks_to_batch(manifest, tasks):
-    """Stack task dicts (FORMAT.md) into one `TaskBatch` over all of them, in the given
+    """Stack task dicts (docs/data.md) into one `TaskBatch` over all of them, in the given
     order. Multi-hot fields become [U, N, L] active indices padded with the field's size."""
     if not tasks:
         raise ValueError("no tasks to load")

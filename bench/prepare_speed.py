@@ -3,7 +3,8 @@
     python bench/prepare_speed.py [--n-users 6040] [--work-dir DIR]
 
 Generates the raw files once (timed separately), then times ``prepare`` on them from scratch and
-a re-run (reuse), and reports the output size (bytes of all files, raw files excluded). Targets:
+a re-run (reuse), reading everything back with its checks (``load_processed``) and the data
+checksum, and reports the output size (bytes of all files, raw files excluded). Targets:
 preparation under 60 s, output under 100 MB.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.prepare_data import prepare  # noqa: E402
 from data_prep.synthetic import write_synthetic_movielens  # noqa: E402
+from data_prep.task_io import data_checksum, load_processed  # noqa: E402
 
 
 def folder_size(folder: Path) -> int:
@@ -46,11 +48,19 @@ def main() -> None:
     prepare("movielens", raw, out, log=lambda message: None)
     reused = time.perf_counter() - started
 
+    started = time.perf_counter()
+    load_processed(out)
+    loaded = time.perf_counter() - started
+
+    started = time.perf_counter()
+    data_checksum(out)
+    checksummed = time.perf_counter() - started
+
     print(f"raw: {arguments.n_users} users, {n_raw_ratings} ratings, {folder_size(raw) / 1e6:.1f} MB "
           f"(generated in {generated:.1f} s)")
     print(f"prepare: {prepared:.1f} s -> {manifest['n_users']} tasks, {manifest['n_items']} items; "
           f"output {folder_size(out) / 1e6:.1f} MB in {out}")
-    print(f"re-run (reuse): {reused:.2f} s")
+    print(f"re-run (reuse): {reused:.2f} s; load_processed (checked): {loaded:.2f} s; data_checksum: {checksummed:.2f} s")
 
 
 if __name__ == "__main__":

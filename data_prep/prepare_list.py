@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_prep.preprocess_MovieLens import RawDataset
+from data_prep.protocol import RawDataset
 
 
 def vocabulary_order(value: str) -> tuple:

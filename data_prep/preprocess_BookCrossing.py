@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.preprocess_MovieLens import RawDataset, UserClasses, check_known_users, round_half_up
+from data_prep.protocol import RawDataset, UserClasses, check_known_users, round_half_up
 from data_prep.raw_io import DataError, Table, int_column, read_lines, unique_ids
 
 BX_FILES = ("BX-Users.csv", "BX-Books.csv", "BX-Book-Ratings.csv")
@@ -273,7 +273,7 @@ def new_users_by_id_or_at_random(ratings: pd.DataFrame, kept: pd.DataFrame, prot
 def load_bookcrossing(raw_dir: Path, settings: dict) -> RawDataset:
     """Read the three dump files from ``raw_dir``; settings: BX_DEFAULTS' keys (pooling, user rule)."""
     if settings["bx_user_rule"] not in USER_RULES:
-        raise ValueError(f"bx_user_rule = {settings['bx_user_rule']!r}, expected one of {USER_RULES}")
+        raise DataError(f"bx_user_rule = {settings['bx_user_rule']!r}, expected one of {USER_RULES}")
     raw_dir = Path(raw_dir)
     repairs = Counter()
     users = read_users(raw_dir / "BX-Users.csv", settings, repairs)

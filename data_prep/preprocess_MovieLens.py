@@ -1,35 +1,19 @@
-"""Read MovieLens raw files and apply the data protocol (SPEC section 1).
+"""Read MovieLens raw files (ML-1M with ``movies_extrainfos.dat``, ML-100K) into a :class:`RawDataset`.
 
-Readers turn raw files into a :class:`RawDataset` (ratings in file order, user and item features
-as strings). :func:`apply_protocol` then applies the protocol's rules, vectorised:
-
-1. drop ratings of items without a metadata row, before anything else;
-2. order each user's ratings by (timestamp, file line): ties keep file order; timestamps stay
-   integer seconds since the epoch (UTC), never converted through local time;
-3. ``split_time`` = ``sorted_timestamps[min(floor(time_split_ratio * N + 0.5), N - 1)]`` over all
-   N ratings left after rule 1 (0-based index, round half up);
-4. keep users with at least ``support_size + query_size`` ratings, and only their first
-   ``support_size + query_size`` ratings in time order;
-5. a user is new iff their first rating's timestamp >= ``split_time`` (the dataset's
-   ``user_rule``: Book-Crossing, without time, brings its own);
-6. an item is new iff it has at most ``item_cold_max_ratings`` (10) kept ratings;
-7. scenario = 2 * user_is_new + item_is_new (0..3);
-8. support = first ``support_size`` kept ratings, query = the rest (later in time);
-9. users split at random: ``numpy.random.default_rng(random_state).permutation(sorted user ids)``,
-   the first ``floor(train_ratio * n_users + 0.5)`` are train users.
+Ratings stay in file order with their 1-based line numbers; user and item features stay strings
+(vocabularies and codes are built later, in ``prepare_list``). The protocol itself is
+``data_prep.protocol``; the file formats and every check are described in ``docs/data.md``.
 """
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from data_prep.raw_io import DataError, Table, choice_column, int_column, read_table, unique_ids
+from data_prep.protocol import RawDataset, check_known_users
+from data_prep.raw_io import Table, choice_column, int_column, read_table, unique_ids
 
 MISSING = "nan"
 """The category of a missing value (``N/A`` or empty), as in the released genre/director lists."""
@@ -46,63 +30,6 @@ RATING_RANGE = (1, 5)
 _PARENTHETICAL_NOTE = re.compile(r"\s*\([^)]*\)")
 
 
-@dataclass
-class RawDataset:
-    """Raw data of one dataset, before the protocol.
-
-    ratings: DataFrame [user, item, rating, timestamp, line] (int64, file order; line is 1-based).
-    users: DataFrame indexed by user id, one str column per user field.
-    items: DataFrame indexed by item id; categorical fields are str, multi-hot fields tuples of str.
-    user_fields / item_fields: ``[(name, "categorical" | "multi_hot"), ...]`` in output order.
-    user_rule: classes kept users existing/new (default: first rating at or after split_time).
-    rating_range: (lowest, highest) rating.
-    repairs: ``{kind of damage: count}`` repaired or dropped while reading (reported in the manifest).
-    item_keys: ``{item id: the raw file's key}`` where raw keys are not integers (Book-Crossing ISBNs).
-    """
-
-    ratings: pd.DataFrame
-    users: pd.DataFrame
-    items: pd.DataFrame
-    user_fields: list[tuple[str, str]]
-    item_fields: list[tuple[str, str]]
-    files: list[Path] = field(default_factory=list)
-    user_rule: Callable[[pd.DataFrame, pd.DataFrame, dict], "UserClasses"] = None
-    rating_range: tuple[int, int] = RATING_RANGE
-    repairs: dict[str, int] = field(default_factory=dict)
-    item_keys: dict[int, str] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.user_rule is None:
-            self.user_rule = new_users_by_first_time
-
-
-@dataclass
-class UserClasses:
-    """A user rule's answer: ``is_new`` per kept rating row, the split time (None without time)
-    and the manifest's one-line descriptions of the rules (``split_time_rule``, ``user_rule``)."""
-
-    is_new: np.ndarray
-    split_time: int | None
-    rules: dict[str, str]
-
-
-@dataclass
-class ProtocolResult:
-    """Kept ratings after the protocol.
-
-    kept: DataFrame [user, item, rating, timestamp, user_is_new, item_is_new, scenario], sorted by
-    user then time, exactly ``support_size + query_size`` rows per user.
-    rules: the user rule's descriptions for the manifest (see :class:`UserClasses`).
-    """
-
-    kept: pd.DataFrame
-    split_time: int | None
-    rules: dict[str, str]
-    train_users: list[int]
-    test_users: list[int]
-    n_ratings_without_metadata: int
-
-
 def missing_to_category(value: str) -> str:
     """A stripped field value, with ``N/A`` and empty mapped to :data:`MISSING`."""
     value = value.strip()
@@ -116,16 +43,25 @@ def split_multi_value(text: str, strip_notes: bool = False) -> tuple[str, ...]:
     return tuple(dict.fromkeys(missing_to_category(value) for value in text.split(",")))
 
 
-def check_known_users(table: Table, rating_users: np.ndarray, users: pd.DataFrame) -> None:
-    """Refuse the first rating (record of ``table``) whose user is not in ``users``."""
-    unknown = np.flatnonzero(~np.isin(rating_users, users.index.to_numpy()))
-    if unknown.size:
-        k = int(unknown[0])
-        raise table.error(k, f"user {rating_users[k]} is not in the users file, expected a known user id")
+def check_one_rating_per_pair(table: Table, ratings: pd.DataFrame) -> None:
+    """Refuse the first line that rates a (user, item) pair again, whatever its timestamp.
+
+    GroupLens files never repeat a pair, so a repeat is damage (a file concatenated twice, an
+    edit): which of the two ratings to keep, and whether it may land in both support and query,
+    is not the reader's to guess.
+    """
+    repeated = ratings.duplicated(["user", "item"]).to_numpy()
+    if repeated.any():
+        k = int(repeated.argmax())
+        user, item = int(ratings["user"].iat[k]), int(ratings["item"].iat[k])
+        same_pair = (ratings["user"].to_numpy() == user) & (ratings["item"].to_numpy() == item)
+        first_line = int(table.line_numbers[np.flatnonzero(same_pair)[0]])
+        raise table.error(k, f"user {user} rates item {item} again (first on line {first_line}), "
+                             "expected one rating per user and item")
 
 
 def parse_ratings(table: Table, users: pd.DataFrame) -> pd.DataFrame:
-    """Ratings table -> DataFrame [user, item, rating, timestamp, line], users checked known."""
+    """Ratings table -> DataFrame [user, item, rating, timestamp, line]; users known, pairs unique."""
     ratings = pd.DataFrame({
         "user": int_column(table, "user", low=1),
         "item": int_column(table, "item", low=1),
@@ -134,6 +70,7 @@ def parse_ratings(table: Table, users: pd.DataFrame) -> pd.DataFrame:
         "line": table.line_numbers,
     })
     check_known_users(table, ratings["user"].to_numpy(), users)
+    check_one_rating_per_pair(table, ratings)
     return ratings
 
 
@@ -171,6 +108,7 @@ def load_movielens_1m(raw_dir: Path) -> RawDataset:
         user_fields=[("gender", "categorical"), ("age", "categorical"), ("occupation", "categorical")],
         item_fields=[("rate", "categorical"), ("year", "categorical"), ("genre", "multi_hot"),
                      ("director", "multi_hot")],
+        rating_range=RATING_RANGE,
         files=[raw_dir / name for name in ML1M_FILES],
     )
 
@@ -214,77 +152,8 @@ def load_movielens_100k(raw_dir: Path) -> RawDataset:
         items=items,
         user_fields=[("gender", "categorical"), ("age", "categorical"), ("occupation", "categorical")],
         item_fields=[("year", "categorical"), ("genre", "multi_hot")],
+        rating_range=RATING_RANGE,
         files=[raw_dir / name for name in ML100K_FILES],
-    )
-
-
-def round_half_up(x: float) -> int:
-    """``floor(x + 0.5)``: the protocol's rounding (Python's ``round`` rounds half to even)."""
-    return int(math.floor(x + 0.5))
-
-
-def split_timestamp(timestamps: np.ndarray, ratio: float) -> int:
-    """Timestamp at 0-based position ``min(round_half_up(ratio * N), N - 1)`` of the sorted N."""
-    if len(timestamps) == 0:
-        raise DataError("no ratings left after dropping movies without metadata, expected at least one")
-    position = min(round_half_up(ratio * len(timestamps)), len(timestamps) - 1)
-    return int(np.sort(timestamps, kind="stable")[position])
-
-
-def new_users_by_first_time(ratings: pd.DataFrame, kept: pd.DataFrame, protocol: dict) -> UserClasses:
-    """Rules 3 and 5: new iff the user's first kept rating is at or after ``split_time``."""
-    split_time = split_timestamp(ratings["timestamp"].to_numpy(), protocol["time_split_ratio"])
-    first_time = kept.groupby("user", sort=False)["timestamp"].transform("first")
-    return UserClasses(
-        is_new=(first_time >= split_time).to_numpy(),
-        split_time=split_time,
-        rules={"split_time_rule": "sorted_timestamps[min(floor(time_split_ratio * N + 0.5), N - 1)], 0-based, "
-                                  "N = ratings of movies with metadata",
-               "user_rule": "new iff first kept rating's timestamp >= split_time"},
-    )
-
-
-def first_ratings_per_user(ratings: pd.DataFrame, n_kept: int) -> pd.DataFrame:
-    """The first ``n_kept`` ratings in (timestamp, line) order of users with at least ``n_kept``."""
-    order = np.lexsort((ratings["line"].to_numpy(), ratings["timestamp"].to_numpy(), ratings["user"].to_numpy()))
-    ordered = ratings.iloc[order].reset_index(drop=True)
-    position = ordered.groupby("user", sort=False).cumcount().to_numpy()
-    count = ordered.groupby("user", sort=False)["user"].transform("size").to_numpy()
-    return ordered[(count >= n_kept) & (position < n_kept)].reset_index(drop=True)
-
-
-def split_users(user_ids: np.ndarray, train_ratio: float, random_state: int) -> tuple[list[int], list[int]]:
-    """Seeded permutation of the sorted ids; the first ``round_half_up(ratio * n)`` are train users."""
-    permuted = np.random.default_rng(random_state).permutation(np.sort(user_ids))
-    n_train = round_half_up(train_ratio * len(permuted))
-    return sorted(int(u) for u in permuted[:n_train]), sorted(int(u) for u in permuted[n_train:])
-
-
-def apply_protocol(raw: RawDataset, protocol: dict) -> ProtocolResult:
-    """Apply SPEC section 1 to ``raw`` with ``protocol`` (support_size, query_size, ...)."""
-    has_metadata = raw.ratings["item"].isin(raw.items.index).to_numpy()
-    ratings = raw.ratings[has_metadata]
-    if ratings.empty:
-        raise DataError("no ratings left after dropping items without metadata, expected at least one")
-    kept = first_ratings_per_user(ratings, protocol["support_size"] + protocol["query_size"])
-    if kept.empty:
-        raise DataError(
-            f"{raw.files[0]}: no user has {protocol['support_size'] + protocol['query_size']} ratings "
-            "of items with metadata, expected at least one such user"
-        )
-    user_classes = raw.user_rule(ratings, kept, protocol)
-    kept["user_is_new"] = user_classes.is_new
-    item_count = kept.groupby("item", sort=False)["item"].transform("size")
-    kept["item_is_new"] = (item_count <= protocol["item_cold_max_ratings"]).to_numpy()
-    kept["scenario"] = 2 * kept["user_is_new"].astype(np.int64) + kept["item_is_new"].astype(np.int64)
-    train, test = split_users(kept["user"].unique(), protocol["train_ratio"], protocol["random_state"])
-    return ProtocolResult(
-        kept=kept.drop(columns="line"),
-        split_time=user_classes.split_time,
-        rules=user_classes.rules,
-        train_users=train,
-        test_users=test,
-        n_ratings_without_metadata=int((~has_metadata).sum()),
     )
 
 

@@ -19,6 +19,16 @@ class DataError(ValueError):
     """Raw input that does not follow the expected format (file, line and expectation named)."""
 
 
+def is_int(value) -> bool:
+    """An int that is not a bool (JSON true/false load as bool, a subclass of int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class Table:
     """Fields of a delimited file: ``columns[name]`` is a list of str, one per record.

@@ -20,18 +20,27 @@ Planted structure:
 :func:`write_synthetic_bookcrossing` writes the Book-Crossing dump's three files the same way
 (user types tied to age and country, items' appeal tied to author, publisher and decade, ratings
 1-10 plus implicit 0s) with a little of the real dump's damage (see its docstring).
+
+Both writers only write into a folder that is empty or that they wrote themselves: the folder
+then holds :data:`GENERATED_MARKER`, a JSON record of the generator's settings and of the md5 of
+every file it wrote. A folder with any other file, or with a generated file changed since, is
+refused with a :class:`DataError`, so real raw data is never overwritten.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
+
+from data_prep.preprocess_MovieLens import AGE_BUCKETS
+from data_prep.raw_io import DataError, md5_of
 
 GENRES = ("Action", "Adventure", "Animation", "Comedy", "Crime", "Documentary", "Drama", "Family",
           "Fantasy", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
 RATES = ("G", "NC-17", "PG", "PG-13", "R", "UNRATED")
 RATE_PROBABILITIES = (0.05, 0.01, 0.15, 0.15, 0.43, 0.21)
-AGE_BUCKETS = (1, 18, 25, 35, 45, 50, 56)
 N_OCCUPATIONS = 21
 N_TYPES = 4
 TYPE_PROBABILITIES = (0.3, 0.3, 0.2, 0.2)
@@ -43,6 +52,71 @@ AFFINITY_SCALE = 1.0
 NOISE_STD = 0.6
 FIRST_TIMESTAMP = 956_703_932  # 2000-04-25 23:05:32 UTC, the first ML-1M rating
 DAY = 86_400
+GENERATED_MARKER = ".mamo-synthetic"
+
+
+def read_generated_marker(raw_dir: Path) -> dict | None:
+    """The marker's record ``{"generator", "settings", "files": {name: md5 | None}}``, or None if absent or unreadable."""
+    try:
+        record = json.loads((raw_dir / GENERATED_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = record.get("files") if isinstance(record, dict) else None
+    return record if isinstance(files, dict) else None
+
+
+def check_generated_folder(raw_dir: Path) -> dict[str, str | None]:
+    """Refuse ``raw_dir`` unless it is absent, empty, or holds only files the generators wrote.
+
+    Returns the marker's ``{file name: md5}`` (empty when there is none). An md5 of None marks a
+    file whose writing was interrupted: it is the generator's, and may be replaced.
+    """
+    raw_dir = Path(raw_dir)
+    if raw_dir.exists() and not raw_dir.is_dir():
+        raise DataError(f"{raw_dir}: not a folder, expected a folder for the synthetic raw files")
+    entries = sorted(raw_dir.iterdir()) if raw_dir.exists() else []
+    if not entries:
+        return {}
+    record = read_generated_marker(raw_dir)
+    if record is None:
+        names = ", ".join(path.name for path in entries[:3])
+        raise DataError(f"{raw_dir}: holds files the synthetic generator did not write ({names}), expected an "
+                        f"empty folder or one it wrote (with {GENERATED_MARKER}); refusing to overwrite them")
+    for path in entries:
+        if path.name == GENERATED_MARKER:
+            continue
+        if path.name not in record["files"] or path.is_symlink() or not path.is_file():
+            raise DataError(f"{path}: not written by the synthetic generator (not in {GENERATED_MARKER}), "
+                            "expected only generated files in this folder; refusing to overwrite it")
+        expected = record["files"][path.name]
+        if expected is not None and md5_of(path) != expected:
+            raise DataError(f"{path}: changed since the synthetic generator wrote it (md5 {expected} expected); "
+                            "refusing to overwrite it")
+    return record["files"]
+
+
+def write_generated(raw_dir: Path, files: dict[str, bytes], settings: dict) -> None:
+    """Write ``files`` (``{name: content}``) into ``raw_dir`` after :func:`check_generated_folder`.
+
+    The marker names the files before they are written (md5 None) and records their md5 after, so
+    that an interrupted run leaves a folder the next run recognises. Generated files of an earlier
+    run that this one does not write again (another dataset's) are removed.
+    """
+    raw_dir = Path(raw_dir)
+    previous = check_generated_folder(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    marker = raw_dir / GENERATED_MARKER
+
+    def write_marker(md5s: dict) -> None:
+        record = {"generator": __name__, "settings": settings, "files": md5s}
+        marker.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+    write_marker({**previous, **dict.fromkeys(files)})
+    for name in set(previous) - set(files):
+        (raw_dir / name).unlink(missing_ok=True)
+    for name, content in files.items():
+        (raw_dir / name).write_bytes(content)
+    write_marker({name: hashlib.md5(content).hexdigest() for name, content in files.items()})
 
 
 def draw_users(rng: np.random.Generator, n_users: int) -> dict[str, np.ndarray]:
@@ -63,11 +137,6 @@ def draw_users(rng: np.random.Generator, n_users: int) -> dict[str, np.ndarray]:
         "bias": rng.normal(0.0, 0.3, n_users),
         "zip": rng.integers(10_000, 99_999, n_users),
     }
-
-
-def movielens_item_count(n_users: int) -> int:
-    """Items to draw for n_users users: ML-1M's items per user, at least 100."""
-    return max(100, round(ITEMS_PER_USER * n_users))
 
 
 def draw_items(rng: np.random.Generator, n_items: int) -> dict:
@@ -146,37 +215,41 @@ def items_without_metadata(n_items: int) -> set[int]:
     return {n_items // 3, (2 * n_items) // 3}
 
 
-def created_raw_dir(raw_dir: Path, n_users: int) -> Path:
-    """``raw_dir`` as a Path, created if missing; refuses fewer than 10 users."""
+def check_n_users(n_users: int) -> None:
     if n_users < 10:
         raise ValueError(f"n_users = {n_users}, expected at least 10")
-    raw_dir = Path(raw_dir)
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    return raw_dir
+
+
+def movielens_item_count(n_users: int) -> int:
+    """Items to draw for n_users users: ML-1M's items per user, at least 100."""
+    return max(100, round(ITEMS_PER_USER * n_users))
 
 
 def write_synthetic_movielens(raw_dir: Path, n_users: int = 6040, seed: int = 100) -> None:
     """Write ``ratings.dat``, ``users.dat``, ``movies_extrainfos.dat`` (ML-1M format) into ``raw_dir``."""
-    raw_dir = created_raw_dir(raw_dir, n_users)
+    check_n_users(n_users)
     rng = np.random.default_rng(seed)
     users = draw_users(rng, n_users)
     items = draw_items(rng, movielens_item_count(n_users))
-    write_movielens_files(raw_dir, users, items, draw_ratings(rng, users, items))
+    write_generated(raw_dir, movielens_files(users, items, draw_ratings(rng, users, items)),
+                    {"dataset": "synthetic", "n_users": n_users, "seed": seed})
 
 
-def write_movielens_files(raw_dir: Path, users: dict, items: dict, ratings: dict) -> None:
-    """Write drawn users, items and ratings as ML-1M's three raw files into ``raw_dir`` (which exists)."""
+def movielens_files(users: dict, items: dict, ratings: dict) -> dict[str, bytes]:
+    """Drawn users, items and ratings as ML-1M's three raw files: ``{file name: content}``."""
     n_items = len(items["year"])
     user_lines = [f"{u + 1}::{g}::{a}::{o}::{z}" for u, (g, a, o, z) in
                   enumerate(zip(users["gender"], users["age"].tolist(), users["occupation"].tolist(), users["zip"].tolist()))]
-    (raw_dir / "users.dat").write_text("\n".join(user_lines) + "\n", encoding="latin-1")
     hidden = items_without_metadata(n_items)
     movie_lines = [movie_line(items, i, i + 1) for i in range(n_items) if i not in hidden]
-    (raw_dir / "movies_extrainfos.dat").write_bytes(("\r\n".join(movie_lines) + "\r\n").encode("utf-8"))
     columns = zip((ratings["user"] + 1).tolist(), (ratings["item"] + 1).tolist(),
                   ratings["rating"].tolist(), ratings["timestamp"].tolist())
     rating_lines = [f"{u}::{i}::{r}::{t}" for u, i, r, t in columns]
-    (raw_dir / "ratings.dat").write_text("\n".join(rating_lines) + "\n", encoding="latin-1")
+    return {
+        "users.dat": ("\n".join(user_lines) + "\n").encode("latin-1"),
+        "movies_extrainfos.dat": ("\r\n".join(movie_lines) + "\r\n").encode("utf-8"),
+        "ratings.dat": ("\n".join(rating_lines) + "\n").encode("latin-1"),
+    }
 
 
 BX_COUNTRIES = ("usa", "canada", "united kingdom", "germany", "spain", "australia")
@@ -230,7 +303,7 @@ def write_synthetic_bookcrossing(raw_dir: Path, n_users: int = 6040, seed: int =
     ISBNs without a book row, lower-case ISBNs, one book line with ``\\";`` (repairable) and 20 %
     more users without any rating. Deterministic for a given ``(n_users, seed)``.
     """
-    raw_dir = created_raw_dir(raw_dir, n_users)
+    check_n_users(n_users)
     rng = np.random.default_rng(seed)
     n_items = max(100, round(BX_ITEMS_PER_USER * n_users))
     n_authors, n_publishers = max(5, n_items // 4), 12
@@ -258,7 +331,7 @@ def write_synthetic_bookcrossing(raw_dir: Path, n_users: int = 6040, seed: int =
             rating_lines.append(f'"{user + 1}";"{isbn}";"{rating}"')
         if user % 11 == 0:
             rating_lines.append(f'"{user + 1}";"99999999{user % 10}9";"{rng.integers(1, 11)}"')
-    for name, lines in (("BX-Users.csv", user_lines), ("BX-Books.csv", book_lines),
-                        ("BX-Book-Ratings.csv", rating_lines)):
-        text = "\r\n".join([BX_HEADERS[name], *lines]) + "\r\n"
-        (raw_dir / name).write_bytes(text.encode("latin-1"))
+    files = {name: ("\r\n".join([BX_HEADERS[name], *lines]) + "\r\n").encode("latin-1")
+             for name, lines in (("BX-Users.csv", user_lines), ("BX-Books.csv", book_lines),
+                                 ("BX-Book-Ratings.csv", rating_lines))}
+    write_generated(raw_dir, files, {"dataset": "synthetic-bookcrossing", "n_users": n_users, "seed": seed})

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.synthetic import (AFFINITY_SCALE, AGE_BUCKETS, GENRES, N_OCCUPATIONS, RATES, created_raw_dir,
-                                 draw_items, draw_ratings, movielens_item_count, write_movielens_files)
+from data_prep.preprocess_MovieLens import AGE_BUCKETS
+from data_prep.synthetic import (AFFINITY_SCALE, GENRES, N_OCCUPATIONS, RATES, check_n_users, draw_items, draw_ratings,
+                                 movielens_files, movielens_item_count, write_generated)
 
 OLDER_FROM_AGE = 35  # age buckets from here on are "older"
 TASTE_SCALE = 1.0  # rating units per standard deviation of taste
@@ -85,9 +86,10 @@ def type_affinity(appeals: np.ndarray) -> np.ndarray:
 
 def write_synthetic_types(raw_dir: Path, n_users: int = 6040, seed: int = 100) -> None:
     """Write ``ratings.dat``, ``users.dat``, ``movies_extrainfos.dat`` (ML-1M format) into ``raw_dir``."""
-    raw_dir = created_raw_dir(raw_dir, n_users)
+    check_n_users(n_users)
     rng = np.random.default_rng(seed)
     users = draw_profiled_users(rng, n_users)
     items = draw_items(rng, movielens_item_count(n_users))
     items["affinity"] = type_affinity(item_appeals(rng, items))
-    write_movielens_files(raw_dir, users, items, draw_ratings(rng, users, items, noise_std=NOISE_STD))
+    write_generated(raw_dir, movielens_files(users, items, draw_ratings(rng, users, items, noise_std=NOISE_STD)),
+                    {"dataset": "synthetic-types", "n_users": n_users, "seed": seed})

@@ -51,6 +51,18 @@ def random_ratings(user_ids, movie_ids, seed: int, per_user=(20, 60), start=956_
     return ratings
 
 
+def write_ml100k(raw_dir: Path, ratings: list[tuple[int, int, int, int]]) -> Path:
+    """Write tiny ML-100K raw files (``u.data``, ``u.user``, ``u.item``) for every rated user and item."""
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    user_ids, item_ids = sorted({r[0] for r in ratings}), sorted({r[1] for r in ratings})
+    (raw_dir / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in ratings))
+    (raw_dir / "u.user").write_text("".join(f"{u}|{20 + u}|{'MF'[u % 2]}|student|12345\n" for u in user_ids))
+    flags = "|".join("1" if k == 5 else "0" for k in range(19))
+    (raw_dir / "u.item").write_text("".join(f"{i}|Movie {i} (1995)|01-Jan-1995||http://x|{flags}\n" for i in item_ids))
+    return raw_dir
+
+
 def folder_bytes(folder: Path) -> dict:
     """{relative path: bytes} of every file under ``folder``."""
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

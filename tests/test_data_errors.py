@@ -13,7 +13,7 @@ import data_prep.prepare_data as prepare_data
 from data_prep.prepare_data import main, prepare
 from data_prep.raw_io import DataError
 from data_prep.task_io import load_task
-from tests.data_helpers import ROOT, write_ml1m
+from tests.data_helpers import ROOT, write_ml100k, write_ml1m
 
 GOOD_RATINGS = [(u, 10 + k, 1 + (u + k) % 5, 1000 * u + k) for u in (1, 2, 3, 4) for k in range(4)]
 TINY = {"support_size": 2, "query_size": 1}
@@ -52,6 +52,34 @@ def test_bad_ratings_line_names_file_line_and_expectation(tmp_path, what, line, 
     message = str(error.value)
     assert str(raw / "ratings.dat") in message and "line 3:" in message and expectation in message
     assert leftovers(tmp_path) == []
+
+
+DUPLICATE_CASES = [("same timestamp", 1001), ("other timestamp", 5)]
+
+
+@pytest.mark.parametrize("what, timestamp", DUPLICATE_CASES, ids=[case[0] for case in DUPLICATE_CASES])
+def test_repeated_user_item_pair_is_refused_in_ml1m_format(tmp_path, what, timestamp):
+    # Users 1..4 rate items 10..13 at 1000u + k: line 2 is (1, 11, ., 1001); line 17 repeats the pair.
+    raw = write_ml1m(tmp_path / "raw", GOOD_RATINGS + [(1, 11, 4, timestamp)])
+    with pytest.raises(DataError) as error:
+        quiet_prepare(raw, tmp_path / "out")
+    assert str(error.value) == (f"{raw / 'ratings.dat'}: line 17: user 1 rates item 11 again (first on line 2), "
+                                "expected one rating per user and item")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("what, timestamp", DUPLICATE_CASES, ids=[case[0] for case in DUPLICATE_CASES])
+def test_repeated_user_item_pair_is_refused_in_ml100k(tmp_path, what, timestamp):
+    raw = write_ml100k(tmp_path / "raw", GOOD_RATINGS[:9] + [(1, 11, 2, timestamp)] + GOOD_RATINGS[9:])
+    with pytest.raises(DataError, match=r"u\.data: line 10: user 1 rates item 11 again \(first on line 2\)"):
+        prepare("movielens-100k", raw, tmp_path / "out", log=lambda message: None, **TINY)
+    assert leftovers(tmp_path) == []
+
+
+def test_ml100k_writer_gives_a_preparable_folder(tmp_path):
+    manifest = prepare("movielens-100k", write_ml100k(tmp_path / "raw", GOOD_RATINGS), tmp_path / "out",
+                       log=lambda message: None, **TINY)
+    assert manifest["n_users"] == 4 and manifest["n_ratings"] == 12
 
 
 def test_empty_file(tmp_path):

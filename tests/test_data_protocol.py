@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from data_prep.prepare_data import prepare
-from data_prep.preprocess_MovieLens import split_timestamp, split_users
+from data_prep.protocol import split_timestamp, split_users
 from data_prep.task_io import load_processed
 from tests.data_helpers import write_ml1m
 
@@ -34,9 +34,9 @@ def test_split_time_is_sorted_timestamp_at_rounded_position():
 
 
 def test_split_time_in_manifest_counts_only_ratings_of_movies_with_metadata(tmp_path):
-    # 10 ratings of known movies at t = 1..10, plus 5 very late ratings of movie 99 (no metadata).
+    # 10 ratings of known movies at t = 1..10, plus 5 very late ratings of movies 95-99 (no metadata).
     ratings = [(1, 10 + k, 3, k + 1) for k in range(5)] + [(2, 10 + k, 3, k + 6) for k in range(5)]
-    ratings += [(1, 99, 3, 1000 + k) for k in range(5)]
+    ratings += [(1, 95 + k, 3, 1000 + k) for k in range(5)]
     manifest, _ = run(tmp_path, ratings, movie_ids=list(range(10, 15)), **TINY)
     assert manifest["split_time"] == 9  # sorted [1..10][8]
     assert manifest["n_ratings_without_metadata"] == 5
@@ -113,19 +113,21 @@ def test_user_is_new_iff_first_rating_at_or_after_split_time(tmp_path):
 
 
 def test_item_is_new_iff_at_most_ten_kept_ratings(tmp_path):
-    # support 1 + query 1: each user keeps 2 ratings. Item 500 gets 11 kept ratings, item 600 10 kept
-    # ones plus 5 that fall after their users' truncation (not counted).
+    # support 1 + query 1: each user keeps their first 2 ratings. Item 500 gets 11 kept ratings (users
+    # 1-11), item 600 10 kept ones (users 12-21) plus 5 more from users 22-26, who rate it third, so
+    # truncation drops those: 15 ratings in all, 10 kept, and only kept ones count.
     ratings = []
     for user in range(1, 12):
         ratings += [(user, 500, 4, 10 * user), (user, 700 + user, 4, 10 * user + 1)]
     for user in range(12, 22):
         ratings += [(user, 600, 2, 10 * user), (user, 800 + user, 2, 10 * user + 1)]
-    for user in range(12, 17):
-        ratings.append((user, 600 + user, 2, 10 * user + 5))
+    for user in range(22, 27):
+        ratings += [(user, 900 + user, 3, 10 * user), (user, 950 + user, 3, 10 * user + 1), (user, 600, 3, 10 * user + 2)]
     manifest, tasks = run(tmp_path, ratings, support_size=1, query_size=1)
     assert tasks[1]["support"]["item_ids"] == [500] and tasks[12]["support"]["item_ids"] == [600]
+    assert all(600 not in all_items(tasks[user]) for user in range(22, 27))
     assert tasks[1]["support"]["scenarios"][0] % 2 == 0  # 11 kept ratings: existing item
-    assert tasks[12]["support"]["scenarios"][0] % 2 == 1  # 10 kept ratings: new item
+    assert tasks[12]["support"]["scenarios"][0] % 2 == 1  # 10 kept ratings (15 in all): new item
     assert manifest["n_warm_items"] == 1 and manifest["protocol"]["item_warm_min_ratings"] == 11
 
 
