@@ -48,6 +48,19 @@ config_settings = {
     "prediction": "expected",  # point prediction for MAE/RMSE: expected (probability-weighted) | argmax (released)
     "feature_memory": True,  # profile + embedding memory (personalised theta_u init)
     "task_memory": True,  # task memory cube (personalised mem_layer fast weight)
+    # memory options: the defaults are the published method, any other value departs from it
+    "attention_temperature": 1.0,  # T in the memory read a_u = softmax(cos(p_u, M_P) / T); > 0
+    # task_memory_write: published: M_k <- (1 - gamma) M_k + gamma a_k W'_u (W'_u the adapted mem_layer weight)
+    # | increment: M_k <- M_k + gamma a_k (W'_u - W_u), W_u the weight the user read
+    "task_memory_write": "published",
+    "task_memory_init": "normal",  # task slots start N(0, 1) (normal) | at phi's initial mem_layer weight (phi)
+    # clip_query_grad: None | a norm. Each user's query gradient is clipped at this norm over all of the
+    # adapted theta (theta_u, theta_i, theta_r: the set the local clip uses); the factor scales the user's
+    # whole meta-gradient (theta and psi) and its M_U write. Released code: 5.
+    "clip_query_grad": None,
+    # freeze_mem_layer: keep phi's mem_layer weight at its initial value, not meta-learned (the no_memory_frozen
+    # control; no effect with the task memory, which gives that weight instead)
+    "freeze_mem_layer": False,
     "first_order": True,  # first-order MAML; False differentiates through the local update
     "with_ablation": False,  # also train the memory-free model and report it as no_memory
     "engine": "auto",  # auto (batched when sgd + first order) | batched | reference (one user at a time)

@@ -82,8 +82,6 @@ class MAMRec:
         generator = seed_everything(cfg["seed"])
         self.model = MAMO(manifest["features"], manifest["n_rating_classes"], manifest["rating_min"],
                           cfg, generator).to(device)
-        if self.model.memories is not None:
-            self.model.memories.to(device)
         self.engine = make_engine(self.model, cfg["engine"])
         optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
         if cfg["meta_optimizer"] not in optimizers:
@@ -137,7 +135,6 @@ class MAMRec:
             "epoch": self.epoch, "epochs": self.epochs,
             "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
             "model": self.model.state_dict(),
-            "memories": None if self.model.memories is None else self.model.memories.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
             "config": self.cfg,
@@ -154,8 +151,6 @@ class MAMRec:
             return False
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
-        if state["memories"] is not None:
-            self.model.memories.load_state_dict(state["memories"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])

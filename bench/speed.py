@@ -96,8 +96,6 @@ def timed_evaluation(trainer, n_users, users_per_batch, device):
 def cpu_outputs(trainer, n_users, users_per_batch):
     """The batched path's evaluation outputs recomputed on the CPU from a copy of the model."""
     model = copy.deepcopy(trainer.model).to("cpu")
-    if model.memories is not None:
-        model.memories.to("cpu")
     test = batch_to(trainer.test_tasks, torch.device("cpu"))
     return evaluate_users(model, make_engine(model, "batched"), test, n_users, users_per_batch)
 

@@ -16,7 +16,7 @@ def activate(x, activation):
 
 
 def activation_slope(x, activation):
-    """d activate(x) / dx, elementwise (x is the pre-activation)."""
+    """Derivative of `activate` at the pre-activation x, elementwise."""
     negative_slope = LEAKY_SLOPE if activation == "leaky_relu" else 0.0
     return (x > 0).to(x.dtype) * (1.0 - negative_slope) + negative_slope
 
@@ -34,6 +34,7 @@ class LinearStack(nn.Module):
         self.activation = activation
 
     def forward(self, x):
+        """The stack's outputs: x [..., dims[0]] -> [..., dims[-1]]."""
         for layer, activated in zip(self.layers, self.activated):
             x = layer(x)
             if activated:
@@ -42,14 +43,14 @@ class LinearStack(nn.Module):
 
 
 def embedding_dims(in_dim, out_dim, n_layer):
-    """Widths of an embedding network: in -> in/2 (n_layer - 1 times) -> out (SPEC §2: 3d -> 3d/2 -> d)."""
+    """Widths of an embedding network: in -> in/2 (n_layer - 1 times) -> out (user, 2 layers: 3d -> 3d/2 -> d)."""
     if n_layer < 1:
         raise ValueError(f"n_layer must be >= 1, got {n_layer}")
     return [in_dim] + [in_dim // 2] * (n_layer - 1) + [out_dim]
 
 
 class EmbeddingNetwork(LinearStack):
-    """p [..., in_dim] -> e [..., d]: every layer activated (user: theta_u, item: theta_i)."""
+    """An embedding network, every layer activated: p [..., in_dim] -> e [..., d] (user: theta_u, item: theta_i)."""
 
     def __init__(self, in_dim, embedding_dim, n_layer, activation):
         dims = embedding_dims(in_dim, embedding_dim, n_layer)

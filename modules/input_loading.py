@@ -10,14 +10,17 @@ import torch.nn.functional as F
 
 
 class MultiHotLinear(nn.Linear):
-    """sigmoid(Linear(multi_hot, d, bias=False)), fed with padded active indices instead of a
-    dense multi-hot row: index `in_features` is padding and contributes nothing."""
+    """A multi-hot field's embedding sigmoid(Linear(multi_hot, d, bias=False)).
+
+    It is fed with padded active indices instead of a dense multi-hot row: index `in_features` is
+    padding and contributes nothing.
+    """
 
     def __init__(self, n_values, embedding_dim):
         super().__init__(n_values, embedding_dim, bias=False)
 
     def forward(self, active_indices):
-        """active_indices [..., L] (padded with n_values) -> [..., d]."""
+        """Embedding of active indices: active_indices [..., L] (padded with n_values) -> [..., d]."""
         table = torch.cat([self.weight.t(), self.weight.new_zeros(1, self.out_features)])
         return torch.sigmoid(F.embedding(active_indices, table).sum(-2))
 
@@ -42,10 +45,10 @@ class InputLoading(nn.Module):
         self.item_dim = len(self.item_fields) * embedding_dim
 
     def user_profile(self, user_codes):
-        """user_codes [..., F_u] (long) -> p_u [..., F_u * d]."""
+        """User profiles: user_codes [..., F_u] (long) -> p_u [..., F_u * d]."""
         return torch.cat([emb(user_codes[..., j]) for j, emb in enumerate(self.user_embeddings)], -1)
 
     def item_profile(self, item_features):
-        """item_features {field: [...] codes or [..., L] padded indices} -> p_i [..., F_i * d]."""
+        """Item profiles: item_features {field: [...] codes or [..., L] padded indices} -> p_i [..., F_i * d]."""
         return torch.cat([emb(item_features[name])
                           for name, emb in zip(self.item_fields, self.item_embeddings)], -1)

@@ -42,7 +42,7 @@ def test_run_writes_metrics_config_csv_and_checkpoint(synthetic_dir, tmp_path):
     assert csv_lines[0].startswith("epoch,method,train_loss,existing_user_existing_item_mae")
     assert len(csv_lines) == 1 + 2 * 2
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert state["epoch"] == 2 and state["memories"]["task"] is not None
+    assert state["epoch"] == 2 and state["model"]["memories.task"] is not None
 
 
 def test_same_seed_same_numbers_and_other_seed_differs(synthetic_dir, tmp_path):

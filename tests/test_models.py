@@ -5,40 +5,25 @@ import copy
 import pytest
 import torch
 
-from models import (MAMO, MEM_WEIGHT, LowRankLinear, OuterProducts, make_engine, meta_train_step, outer_product_sum,
-                    predict_query, support_batches)
-from modules.memories import weighted_user_sum
+from models import MAMO, MEM_WEIGHT, make_engine, meta_train_step, predict_query, support_batches
+from modules.low_rank import LowRankLinear, OuterProducts, outer_product_sum
 from tests.conftest import TINY_FEATURES, random_batch, small_config
 
 
 def build(cfg, seed=1, dtype=torch.float64):
     torch.manual_seed(seed)
-    model = MAMO(TINY_FEATURES, 5, 1, cfg, torch.Generator().manual_seed(seed)).to(dtype)
-    if model.memories is not None:
-        state = model.memories.state_dict()
-        model.memories.load_state_dict({
-            "profile": state["profile"].to(dtype),
-            "embedding": {k: v.to(dtype) for k, v in state["embedding"].items()},
-            "task": None if state["task"] is None else state["task"].to(dtype)})
-    return model
+    return MAMO(TINY_FEATURES, 5, 1, cfg, torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def snapshot(model):
-    mem = model.memories
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            None if mem is None else copy.deepcopy(mem.state_dict()))
+    """Every parameter and memory buffer, copied."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def assert_same_state(a, b, atol):
-    (params_a, mem_a), (params_b, mem_b) = a, b
-    for name in params_a:
-        assert torch.allclose(params_a[name], params_b[name], atol=atol, rtol=0), name
-    if mem_a is not None:
-        assert torch.allclose(mem_a["profile"], mem_b["profile"], atol=atol, rtol=0)
-        for name in mem_a["embedding"]:
-            assert torch.allclose(mem_a["embedding"][name], mem_b["embedding"][name], atol=atol, rtol=0)
-        if mem_a["task"] is not None:
-            assert torch.allclose(mem_a["task"], mem_b["task"], atol=atol, rtol=0)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), name
 
 
 def test_support_batches_are_in_order_and_repeat_per_pass():
@@ -101,7 +86,7 @@ def test_local_update_matches_torch_optimizers_with_clipping(engine_name, local_
 def test_global_step_is_sgd_on_the_mean_query_gradient():
     cfg = small_config(meta_optimizer="sgd", feature_memory=False, task_memory=False)
     model = build(cfg)
-    before = snapshot(model)[0]
+    before = {name: p.clone() for name, p in model.named_parameters()}
     batch = random_batch(2)
     optimizer = torch.optim.SGD(model.meta_parameters(), lr=cfg["lambda"])
     meta_train_step(model, make_engine(model, "batched"), batch, optimizer)
@@ -121,7 +106,7 @@ def test_global_step_is_sgd_on_the_mean_query_gradient():
                 [f"input_loading.{n}" for n, _ in reference.input_loading.named_parameters()]
         for name, g in zip(names, grads):
             mean_grads[name] = mean_grads.get(name, 0) + (0 if g is None else g)
-    after = model.state_dict()
+    after = dict(model.named_parameters())
     for name, value in before.items():
         assert torch.allclose(after[name], value - cfg["lambda"] * mean_grads[name], atol=1e-10), name
 
@@ -133,6 +118,7 @@ CASES = [
     dict(feature_memory=False, task_memory=False),
     dict(head="regression"),
     dict(activation="relu", n_layer=3),
+    dict(attention_temperature=0.1, task_memory_write="increment", task_memory_init="phi", clip_query_grad=0.2),
 ]
 
 
@@ -190,12 +176,9 @@ def test_evaluation_changes_nothing():
     for name in ("batched", "reference"):
         predict_query(model, make_engine(model, name), random_batch(6, seed=5))
     after = snapshot(model)
-    for key in before[0]:
-        assert torch.equal(before[0][key], after[0][key])
-    assert torch.equal(before[1]["profile"], after[1]["profile"])
-    assert torch.equal(before[1]["task"], after[1]["task"])
-    for key in before[1]["embedding"]:
-        assert torch.equal(before[1]["embedding"][key], after[1]["embedding"][key])
+    assert before.keys() == after.keys() and any(key.startswith("memories.") for key in before)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
 
 
 def test_memories_keep_no_autograd_history():
@@ -204,8 +187,9 @@ def test_memories_keep_no_autograd_history():
     optimizer = torch.optim.Adam(model.meta_parameters(), 0.01)
     for step in range(3):
         meta_train_step(model, make_engine(model), random_batch(4, seed=step), optimizer)
-        state = model.memories.state_dict()
-        for tensor in [state["profile"], state["task"], *state["embedding"].values()]:
+        buffers = dict(model.memories.named_buffers())
+        assert len(buffers) == 1 + 4 + 1  # profile, 2 user layers x (weight, bias), task
+        for tensor in buffers.values():
             assert tensor.grad_fn is None and not tensor.requires_grad
 
 
@@ -254,7 +238,7 @@ def test_outer_products_weighted_sum_by_hand():
     weights = torch.tensor([[1.0, 0.5], [2.0, 0.0]])  # [B=2, K=2]
     expected = torch.tensor([[[3.0, 6.0], [6.0, 8.0]],  # 1 * user0 + 2 * user1
                              [[1.5, 2.0], [3.0, 4.0]]])  # 0.5 * user0
-    assert torch.equal(weighted_user_sum(products, weights), expected)
+    assert torch.equal(products.weighted_sum(weights), expected)
 
 
 @pytest.mark.parametrize("rank, n_slots", [(1, 3), (2, 2), (3, 2), (45, 3)])
@@ -303,3 +287,70 @@ def test_low_rank_layer_weighted_sum_equals_sum_of_dense_weights(kind):
     weights = torch.rand(n_users, 3, generator=gen, dtype=torch.float64)
     assert torch.allclose(layer.weighted_sum(weights), torch.einsum("bk,boi->koi", weights, dense), atol=1e-12)
     assert torch.allclose(layer.bias, bias)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("attention_temperature", 0), ("attention_temperature", -1.0), ("attention_temperature", "1"),
+    ("attention_temperature", float("inf")), ("task_memory_write", "sum"), ("task_memory_init", "zeros"),
+    ("clip_query_grad", 0), ("clip_query_grad", -5.0), ("clip_query_grad", True), ("freeze_mem_layer", "yes"),
+    ("head", "ranking")])
+def test_bad_option_values_raise_one_line_errors_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=f"^{key} must be") as error:
+        build(small_config(**{key: value}))
+    assert "\n" not in str(error.value)
+
+
+def test_phi_task_memory_init_starts_every_slot_at_phis_mem_layer_weight():
+    model = build(small_config(task_memory_init="phi"))
+    phi_weight = model.phi()[MEM_WEIGHT]
+    assert all(torch.equal(slot, phi_weight) for slot in model.memories.task)
+    slots = build(small_config()).memories.task
+    assert not torch.equal(slots[0], slots[1]) and 0.8 < slots.std().item() < 1.2  # N(0, 1)
+
+
+def test_memories_are_saved_loaded_and_converted_with_the_model():
+    cfg = small_config()
+    model = build(cfg)
+    assert {b.dtype for b in model.memories.buffers()} == {torch.float64}
+    optimizer = torch.optim.SGD(model.meta_parameters(), lr=0.1)
+    meta_train_step(model, make_engine(model), random_batch(3), optimizer)
+    state = model.state_dict()
+    assert {"memories.profile", "memories.task", "memories.embedding_user_layers_0_weight"} <= set(state)
+    restored = build(cfg, seed=2)
+    restored.load_state_dict(state)
+    assert_same_state(snapshot(restored), snapshot(model), atol=0)
+    # the loaded model continues exactly as the original (same optimiser state: plain SGD)
+    for m in (model, restored):
+        meta_train_step(m, make_engine(m), random_batch(3, seed=4), torch.optim.SGD(m.meta_parameters(), lr=0.1))
+    assert_same_state(snapshot(restored), snapshot(model), atol=0)
+
+
+@pytest.mark.parametrize("engine_name, first_order", [("batched", True), ("reference", True), ("reference", False)])
+def test_query_gradient_clip_scales_the_users_whole_meta_gradient(engine_name, first_order):
+    """One user: every part of its meta-gradient is multiplied by max_norm / (|g| + 1e-6), |g| the
+    norm of its query gradient over all of the adapted theta (the set the local clip uses)."""
+    cfg = small_config(first_order=first_order, clip_query_grad=0.05)
+    batch = random_batch(1)
+    results = {}
+    for max_norm in (None, 0.05):
+        model = build(dict(cfg, clip_query_grad=max_norm))
+        with torch.no_grad():
+            profiles = model.input_loading.user_profile(batch.user_codes)
+            items = model.input_loading.item_profile(batch.item_features)
+        results[max_norm] = make_engine(model, engine_name).meta_gradients(batch, profiles, items, model.read(profiles))
+    free, clipped = results[None], results[0.05]
+    first_order_free = free if first_order else make_engine(build(dict(cfg, first_order=True, clip_query_grad=None)),
+                                                            "reference").meta_gradients(
+        batch, profiles, items, model.read(profiles))
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in first_order_free.phi_grads.values()))
+    factor = 0.05 / (norm + 1e-6)
+    assert factor < 0.5  # the clip bites
+    for name in free.phi_grads:
+        assert torch.allclose(clipped.phi_grads[name], factor * free.phi_grads[name], atol=1e-12), name
+    assert torch.allclose(clipped.profile_grads, factor * free.profile_grads, atol=1e-12)
+    assert torch.allclose(clipped.item_grads, factor * free.item_grads, atol=1e-12)
+    weights = torch.ones(1, 1, dtype=torch.float64)
+    for name in free.user_grads:
+        assert torch.allclose(clipped.user_grads[name].weighted_sum(weights),
+                              factor * free.user_grads[name].weighted_sum(weights), atol=1e-12), name
+    assert torch.equal(clipped.query_loss, free.query_loss)  # the reported loss is never clipped
