@@ -6,7 +6,7 @@ The data (`--dataset synthetic-types`, data_prep/synthetic_types.py): four user 
 gender x age group, with opposite tastes. Per training seed, on one prepared copy: MAMO as
 published and the memory-free ablation `no_memory` (`mamoRec.run` with the ablation), and
 `no_memory_frozen`, the memory-free model whose mem_layer weight is kept at its initial value
-(left out of the global optimiser). Also, for MAMO after training, the test users' mean attention
+(`freeze_mem_layer`). Also, for MAMO after training, the test users' mean attention
 over the K slots per planted type: if the memories told types apart, these rows would differ.
 Beside them, the ridge references of data_prep/ridge_references.py with the planted type as the
 group: what a linear model of the item features reaches knowing each user's type (`per_group`),
@@ -31,7 +31,6 @@ from data_prep.ridge_references import ridge_references  # noqa: E402
 from data_prep.synthetic_types import task_type, user_type  # noqa: E402
 from data_prep.task_io import load_processed  # noqa: E402
 from mamoRec import MAMRec, load_data, run  # noqa: E402
-from models import MEM_WEIGHT  # noqa: E402
 from utils import atomic_write_json  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "planted_types.json"
@@ -43,12 +42,10 @@ def overall(table):
 
 
 def train_frozen(cfg, manifest, train, test):
-    """The memory-free model with its mem_layer weight left out of the global step: its TABLE."""
-    frozen_cfg = dict(cfg, feature_memory=False, task_memory=False, run_dir=f"{cfg['run_dir']}/no_memory_frozen")
+    """The memory-free model with its mem_layer weight kept at its initial value: its TABLE."""
+    frozen_cfg = dict(cfg, feature_memory=False, task_memory=False, freeze_mem_layer=True,
+                      run_dir=f"{cfg['run_dir']}/no_memory_frozen")
     trainer = MAMRec(frozen_cfg, manifest, train, test, frozen_cfg["run_dir"], torch.device("cpu"))
-    mem_weight = trainer.model.theta_net.get_parameter(MEM_WEIGHT)
-    trainer.optimizer = type(trainer.optimizer)(
-        [p for p in trainer.model.meta_parameters() if p is not mem_weight], **trainer.optimizer.defaults)
     return trainer.fit(cfg["n_epoch"], label="no_memory_frozen")
 
 
