@@ -31,7 +31,7 @@ config_settings = {
     # --- settings added by this implementation ---
     "time_split_ratio": DEFAULT_PROTOCOL["time_split_ratio"],  # split_time: this share of all ratings is earlier
     "item_cold_max_ratings": DEFAULT_PROTOCOL["item_cold_max_ratings"],  # an item is new iff at most this many
-    "dataset": "movielens",  # movielens | movielens-100k | synthetic | bookcrossing | synthetic-bookcrossing
+    "dataset": "movielens",  # movielens | movielens-100k | synthetic | synthetic-types | bookcrossing | synthetic-bookcrossing
     "data_dir": "data/processed/{dataset}",  # processed tasks (made by data_prep if missing)
     "raw_dir": "data/raw/{dataset}",  # raw files for data_prep
     "download": True,  # download missing raw MovieLens / Book-Crossing files (--no-download refuses)
@@ -39,6 +39,7 @@ config_settings = {
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "seed": 100,  # initialisation, user order and every other random choice in training
     "users_per_step": 32,  # training users per global step (and per vectorised batch)
+    "meta_step_scaling": "sde",  # lambda is for 32 users/step; rule for others: sde | sqrt | linear | none (meta_step.py)
     "eval_batch_users": 256,  # test users evaluated together (evaluation writes nothing)
     "local_optimizer": "sgd",  # sgd (plain gradient descent) | adam (released code's choice)
     "meta_optimizer": "adam",  # optimiser of the global step: adam | sgd

@@ -32,6 +32,7 @@ from data_prep.preprocess_BookCrossing import AGE_RANGE as BX_AGE_RANGE, age_buc
 from data_prep.preprocess_MovieLens import age_bucket
 from data_prep.raw_io import DataError
 from data_prep.task_io import data_checksum, load_processed, load_vocabularies
+from meta_step import meta_step_settings
 from models import MAMO, make_engine, meta_train_step, predict_query
 from utils import (SCENARIOS, SUBSETS, atomic_write_bytes, atomic_write_json, atomic_write_text, batch_to,
                    environment, evaluation_table, expected_rating, format_cell, format_results, point_prediction,
@@ -251,7 +252,8 @@ class MAMRec:
         optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
         if cfg["meta_optimizer"] not in optimizers:
             raise ValueError(f"meta_optimizer must be 'adam' or 'sgd', got {cfg['meta_optimizer']!r}")
-        self.optimizer = optimizers[cfg["meta_optimizer"]](self.model.meta_parameters(), lr=cfg["lambda"])
+        self.optimizer = optimizers[cfg["meta_optimizer"]](self.model.meta_parameters(), **meta_step_settings(
+            cfg["meta_optimizer"], cfg["lambda"], cfg["users_per_step"], cfg["meta_step_scaling"]))
         self.epochs, self.epoch, self.train_seconds, self.eval_seconds = [], 0, 0.0, 0.0
 
     def user_order(self, epoch):
@@ -728,7 +730,7 @@ FLAG_KEYS = {"dataset": "dataset", "data_dir": "data_dir", "raw_dir": "raw_dir",
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", help="movielens | movielens-100k | synthetic | bookcrossing | synthetic-bookcrossing")
+    parser.add_argument("--dataset", help="movielens | movielens-100k | synthetic | synthetic-types | bookcrossing | synthetic-bookcrossing")
     parser.add_argument("--data-dir", help="processed tasks folder (default from configs.py)")
     parser.add_argument("--raw-dir", help="raw data folder for data_prep")
     parser.add_argument("--run-dir", help="new output folder (default runs/<dataset>/<UTC start>-seed<S>)")

@@ -4,6 +4,7 @@
     python -m data_prep.prepare_data --dataset movielens-100k --raw-dir RAW --out-dir OUT [--download]
     python -m data_prep.prepare_data --dataset bookcrossing   --raw-dir RAW --out-dir OUT [--download]
     python -m data_prep.prepare_data --dataset synthetic      --out-dir OUT [--n-users N] [--seed S]
+    python -m data_prep.prepare_data --dataset synthetic-types --out-dir OUT [--n-users N] [--seed S]
     python -m data_prep.prepare_data --dataset synthetic-bookcrossing --out-dir OUT [--n-users N] [--seed S]
 
 The output is built in a work folder beside OUT and renamed into place, so an interrupted run
@@ -36,13 +37,15 @@ from data_prep.protocol import (DEFAULT_PROTOCOL, SCENARIOS, ProtocolResult, Raw
                                 check_protocol)
 from data_prep.raw_io import DataError, md5_of
 from data_prep.synthetic import check_generated_folder, write_synthetic_bookcrossing, write_synthetic_movielens
+from data_prep.synthetic_types import write_synthetic_types
 from data_prep.task_io import (FORMAT, ITEM_KEYS, MANIFEST, TASKS, VOCABULARIES, read_manifest, task_path,
                                write_json, write_task)
 
 BOOKCROSSING_DATASETS = ("bookcrossing", "synthetic-bookcrossing")
 DATASETS = (*LOADERS, *BOOKCROSSING_DATASETS)
 DATASET_RAW_FILES = {**RAW_FILES, **{name: BX_FILES for name in BOOKCROSSING_DATASETS}}
-SYNTHETIC_WRITERS = {"synthetic": write_synthetic_movielens, "synthetic-bookcrossing": write_synthetic_bookcrossing}
+SYNTHETIC_WRITERS = {"synthetic": write_synthetic_movielens, "synthetic-types": write_synthetic_types,
+                     "synthetic-bookcrossing": write_synthetic_bookcrossing}
 DATASET_DEFAULTS = {name: BX_DEFAULTS for name in BOOKCROSSING_DATASETS}
 DEFAULT_SYNTHETIC_USERS = 6040
 WORK_MARKER = ".mamo-prepare"

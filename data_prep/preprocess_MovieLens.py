@@ -157,5 +157,7 @@ def load_movielens_100k(raw_dir: Path) -> RawDataset:
     )
 
 
-LOADERS = {"movielens": load_movielens_1m, "movielens-100k": load_movielens_100k, "synthetic": load_movielens_1m}
-RAW_FILES = {"movielens": ML1M_FILES, "movielens-100k": ML100K_FILES, "synthetic": ML1M_FILES}
+LOADERS = {"movielens": load_movielens_1m, "movielens-100k": load_movielens_100k, "synthetic": load_movielens_1m,
+           "synthetic-types": load_movielens_1m}
+RAW_FILES = {"movielens": ML1M_FILES, "movielens-100k": ML100K_FILES, "synthetic": ML1M_FILES,
+             "synthetic-types": ML1M_FILES}

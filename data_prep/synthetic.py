@@ -166,7 +166,7 @@ def draw_items(rng: np.random.Generator, n_items: int) -> dict:
             "year": year, "affinity": affinity, "popularity": rng.permutation(np.arange(1, n_items + 1) ** -0.9)}
 
 
-def draw_ratings(rng: np.random.Generator, users: dict, items: dict) -> dict[str, np.ndarray]:
+def draw_ratings(rng: np.random.Generator, users: dict, items: dict, noise_std: float = NOISE_STD) -> dict[str, np.ndarray]:
     """Rating events (user index, item index, rating 1..5, timestamp), grouped by user."""
     n_users, n_items = len(users["type"]), len(items["year"])
     counts = np.minimum(20 + np.floor(rng.lognormal(np.log(105), 1.0, n_users)), 0.6 * n_items).astype(np.int64)
@@ -176,7 +176,7 @@ def draw_ratings(rng: np.random.Generator, users: dict, items: dict) -> dict[str
     item = np.concatenate([rng.choice(n_items, size=k, replace=False, p=popularity) for k in counts])
     user = np.repeat(np.arange(n_users), counts)
     score = (3.6 + users["bias"][user] + AFFINITY_SCALE * items["affinity"][users["type"][user], item]
-             + rng.normal(0.0, NOISE_STD, len(user)))
+             + rng.normal(0.0, noise_std, len(user)))
     start = np.where(late, FIRST_TIMESTAMP + rng.integers(240 * DAY, 1000 * DAY, n_users),
                      FIRST_TIMESTAMP + rng.integers(0, 180 * DAY, n_users))
     gap_scale = np.exp(rng.uniform(np.log(5.0), np.log(DAY), n_users))
@@ -215,15 +215,29 @@ def items_without_metadata(n_items: int) -> set[int]:
     return {n_items // 3, (2 * n_items) // 3}
 
 
-def write_synthetic_movielens(raw_dir: Path, n_users: int = 6040, seed: int = 100) -> None:
-    """Write ``ratings.dat``, ``users.dat``, ``movies_extrainfos.dat`` (ML-1M format) into ``raw_dir``."""
+def check_n_users(n_users: int) -> None:
     if n_users < 10:
         raise ValueError(f"n_users = {n_users}, expected at least 10")
+
+
+def movielens_item_count(n_users: int) -> int:
+    """Items to draw for n_users users: ML-1M's items per user, at least 100."""
+    return max(100, round(ITEMS_PER_USER * n_users))
+
+
+def write_synthetic_movielens(raw_dir: Path, n_users: int = 6040, seed: int = 100) -> None:
+    """Write ``ratings.dat``, ``users.dat``, ``movies_extrainfos.dat`` (ML-1M format) into ``raw_dir``."""
+    check_n_users(n_users)
     rng = np.random.default_rng(seed)
-    n_items = max(100, round(ITEMS_PER_USER * n_users))
     users = draw_users(rng, n_users)
-    items = draw_items(rng, n_items)
-    ratings = draw_ratings(rng, users, items)
+    items = draw_items(rng, movielens_item_count(n_users))
+    write_generated(raw_dir, movielens_files(users, items, draw_ratings(rng, users, items)),
+                    {"dataset": "synthetic", "n_users": n_users, "seed": seed})
+
+
+def movielens_files(users: dict, items: dict, ratings: dict) -> dict[str, bytes]:
+    """Drawn users, items and ratings as ML-1M's three raw files: ``{file name: content}``."""
+    n_items = len(items["year"])
     user_lines = [f"{u + 1}::{g}::{a}::{o}::{z}" for u, (g, a, o, z) in
                   enumerate(zip(users["gender"], users["age"].tolist(), users["occupation"].tolist(), users["zip"].tolist()))]
     hidden = items_without_metadata(n_items)
@@ -231,11 +245,11 @@ def write_synthetic_movielens(raw_dir: Path, n_users: int = 6040, seed: int = 10
     columns = zip((ratings["user"] + 1).tolist(), (ratings["item"] + 1).tolist(),
                   ratings["rating"].tolist(), ratings["timestamp"].tolist())
     rating_lines = [f"{u}::{i}::{r}::{t}" for u, i, r, t in columns]
-    write_generated(raw_dir, {
+    return {
         "users.dat": ("\n".join(user_lines) + "\n").encode("latin-1"),
         "movies_extrainfos.dat": ("\r\n".join(movie_lines) + "\r\n").encode("utf-8"),
         "ratings.dat": ("\n".join(rating_lines) + "\n").encode("latin-1"),
-    }, {"dataset": "synthetic", "n_users": n_users, "seed": seed})
+    }
 
 
 BX_COUNTRIES = ("usa", "canada", "united kingdom", "germany", "spain", "australia")
@@ -289,8 +303,7 @@ def write_synthetic_bookcrossing(raw_dir: Path, n_users: int = 6040, seed: int =
     ISBNs without a book row, lower-case ISBNs, one book line with ``\\";`` (repairable) and 20 %
     more users without any rating. Deterministic for a given ``(n_users, seed)``.
     """
-    if n_users < 10:
-        raise ValueError(f"n_users = {n_users}, expected at least 10")
+    check_n_users(n_users)
     rng = np.random.default_rng(seed)
     n_items = max(100, round(BX_ITEMS_PER_USER * n_users))
     n_authors, n_publishers = max(5, n_items // 4), 12

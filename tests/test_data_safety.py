@@ -19,8 +19,9 @@ from data_prep.prepare_data import (WORK_MARKER, ensure_prepared, main, prepare,
 from data_prep.protocol import DEFAULT_PROTOCOL
 from data_prep.raw_io import DataError
 from data_prep.synthetic import GENERATED_MARKER, write_synthetic_bookcrossing, write_synthetic_movielens
+from data_prep.synthetic_types import write_synthetic_types
 from data_prep.task_io import data_checksum, load_processed
-from tests.data_helpers import ROOT, write_ml1m
+from tests.data_helpers import ROOT, folder_bytes, write_ml1m
 
 # Users 1..6 rate items 10..13 at 1000u + k; with support 2 + query 1, every user is kept.
 RATINGS = [(u, 10 + k, 1 + (u + k) % 5, 1000 * u + k) for u in range(1, 7) for k in range(4)]
@@ -31,13 +32,10 @@ def quiet(message):
     pass
 
 
-def folder_bytes(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 # --- the synthetic generators never overwrite raw data they did not write ------------------------
 
 GENERATORS = [("synthetic", write_synthetic_movielens, "users.dat"),
+              ("synthetic-types", write_synthetic_types, "users.dat"),
               ("synthetic-bookcrossing", write_synthetic_bookcrossing, "BX-Users.csv")]
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.prepare_data import prepare
-from data_prep.task_io import load_processed
+from data_prep.ridge_references import item_design, ridge_weights, rmse
+from tests.data_helpers import assert_seed_decides_the_bytes, generated_dataset
 
 N_USERS = 600
 
@@ -13,22 +13,11 @@ N_USERS = 600
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """(output folder, manifest, tasks) of a 600-user synthetic dataset."""
-    out = tmp_path_factory.mktemp("synthetic") / "out"
-    prepare("synthetic", None, out, n_users=N_USERS, seed=3, log=lambda m: None)
-    manifest, tasks = load_processed(out)
-    return out, manifest, tasks
-
-
-def folder_bytes(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return generated_dataset(tmp_path_factory, "synthetic", N_USERS, 3)
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path, synthetic):
-    out, manifest, _ = synthetic
-    prepare("synthetic", None, tmp_path / "again", n_users=N_USERS, seed=3, log=lambda m: None)
-    assert folder_bytes(tmp_path / "again") == folder_bytes(out)
-    other = prepare("synthetic", None, tmp_path / "other", n_users=N_USERS, seed=4, log=lambda m: None)
-    assert other["checksums"]["ratings.dat"] != manifest["checksums"]["ratings.dat"]
+    assert_seed_decides_the_bytes("synthetic", synthetic[0], N_USERS, 3, tmp_path)
 
 
 def test_raw_files_look_like_movielens_1m(synthetic):
@@ -50,20 +39,6 @@ def test_cold_start_coverage(synthetic):
     assert all(count > 0 for count in manifest["test_query_scenario_counts"].values())
 
 
-def item_design(rating_set, sizes):
-    """Rows [genre multi-hot, rate one-hot, 1] for a SET: float array (n_ratings, n_genres + n_rates + 1)."""
-    rows = np.zeros((len(rating_set["ratings"]), sizes["genre"] + sizes["rate"] + 1))
-    for k, (genres, rate) in enumerate(zip(rating_set["item_features"]["genre"], rating_set["item_features"]["rate"])):
-        rows[k, genres] = 1.0
-        rows[k, sizes["genre"] + rate] = 1.0
-    rows[:, -1] = 1.0
-    return rows
-
-
-def rmse(errors):
-    return float(np.sqrt(np.mean(np.square(errors))))
-
-
 def test_features_plus_support_beat_support_mean(synthetic):
     """A per-user ridge regression on item features, fitted on the 15 support ratings only, beats
     the support mean on the query: the planted signal is learnable from features + support."""
@@ -73,8 +48,7 @@ def test_features_plus_support_beat_support_mean(synthetic):
     for task in tasks.values():
         support, query = task["support"], task["query"]
         design, ratings = item_design(support, sizes), np.asarray(support["ratings"], dtype=float)
-        weights = np.linalg.solve(design.T @ design + 3.0 * np.eye(design.shape[1]),
-                                  design.T @ (ratings - ratings.mean()))
+        weights = ridge_weights(design, ratings - ratings.mean(), 3.0)
         predicted = np.clip(ratings.mean() + item_design(query, sizes) @ weights, 1, 5)
         mean_errors += list(np.asarray(query["ratings"]) - ratings.mean())
         adapted_errors += list(np.asarray(query["ratings"]) - predicted)
