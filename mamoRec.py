@@ -32,7 +32,7 @@ from data_prep.preprocess_BookCrossing import AGE_RANGE as BX_AGE_RANGE, age_buc
 from data_prep.preprocess_MovieLens import age_bucket
 from data_prep.raw_io import DataError
 from data_prep.task_io import data_checksum, load_processed, load_vocabularies
-from meta_step import meta_step_settings
+from modules.meta_step import meta_step_settings
 from models import MAMO, make_engine, meta_train_step, predict_query
 from utils import (SCENARIOS, SUBSETS, atomic_write_bytes, atomic_write_json, atomic_write_text, batch_to,
                    environment, evaluation_table, expected_rating, format_cell, format_results, point_prediction,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.seeds_table import METRICS, cell  # noqa: E402
 from configs import config_settings  # noqa: E402
 from mamoRec import run  # noqa: E402
-from meta_step import SCALINGS, meta_step_settings  # noqa: E402
+from modules.meta_step import SCALINGS, meta_step_settings  # noqa: E402
 from utils import atomic_write_json  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "batching_study_ml100k.json"

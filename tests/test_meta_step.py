@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mamoRec import MAMRec
-from meta_step import meta_step_settings
+from modules.meta_step import meta_step_settings
 from tests.conftest import TINY_FEATURES, random_batch, small_config
 
 ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8}
