@@ -65,4 +65,7 @@ config_settings = {
     "freeze_mem_layer": False,  # keep the rec mem_layer weight at its initial value (not meta-learned)
     "ablation": True,  # also train the memory-free models no_memory and no_memory_frozen (--no-ablation)
     "engine": "auto",  # auto (batched when sgd + first order) | batched | reference (one user at a time)
+    # compile: how the batched engine runs (same results either way): auto (cuda-graphs on CUDA, else none) |
+    # none (eager) | cuda-graphs (each batch shape's step captured once as a CUDA graph and replayed; CUDA only)
+    "compile": "auto",
 }
