@@ -11,6 +11,7 @@ of one call once; a replay launches all of them at once. What a replay needs:
 A replay recomputes the same kernels on the same inputs, so its results equal the eager call's.
 """
 import dataclasses
+import time
 
 import torch
 
@@ -73,6 +74,7 @@ class GraphedEngine:
         self.engine, self.capture = engine, capture
         self.model = engine.model
         self.seen, self.calls = set(), {}
+        self.capture_seconds = 0.0  # wall time spent capturing (warm-up run included)
 
     def meta_gradients(self, batch, profiles, item_profiles, attention):
         """As BatchedEngine.meta_gradients."""
@@ -90,5 +92,9 @@ class GraphedEngine:
                 if key not in self.seen:
                     self.seen.add(key)
                     return method(batch, profiles, item_profiles, attention)
+                started = time.perf_counter()
                 self.calls[key] = CapturedCall(method, batch, inputs, self.model, self.capture)
+                if self.capture:
+                    torch.cuda.synchronize()
+                self.capture_seconds += time.perf_counter() - started
             return self.calls[key](inputs)
