@@ -68,4 +68,7 @@ config_settings = {
     # compile: how the batched engine runs (same results either way): auto (cuda-graphs on CUDA, else none) |
     # none (eager) | cuda-graphs (each batch shape's step captured once as a CUDA graph and replayed; CUDA only)
     "compile": "auto",
+    # cpu_threads: on CPU the batched engine splits each batch's users into this many groups computed at once,
+    # each on one thread (same numbers up to float rounding) | auto: the cores this process may use
+    "cpu_threads": "auto",
 }

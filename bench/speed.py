@@ -44,8 +44,8 @@ from mamoRec import MAMRec, load_data  # noqa: E402
 from models import COMPILE_MODES, make_engine, meta_train_step, predict_query, resolve_compile  # noqa: E402
 from utils import atomic_write_json, batch_to, resolve_device, select_users  # noqa: E402
 
-#: Largest spread (max / min) of the per-user cost across --user-scaling sizes still called linear.
-LINEAR_SPREAD = 1.25
+#: Largest distance of a --user-scaling point from the fitted line, relative to its value, still called linear.
+LINEAR_TOLERANCE = 0.1
 
 
 def rss_mb():
@@ -135,12 +135,19 @@ def peak_gemm_gflops(device, size=512, repeats=50):
 
 
 def flop_per_user(trainer, users, users_per_step):
-    """Floating-point operations of one training step per user (torch.profiler's count, eager engine)."""
+    """Floating-point operations of one training step per user (eager engine): torch.profiler's
+    count, plus the in-place batched products (baddbmm_), which it does not count."""
     batch = select_users(trainer.train_tasks, users[:users_per_step])
     engine = make_engine(trainer.model, "batched", compile="none")
-    with torch.profiler.profile(with_flops=True) as profiler:
+    with torch.profiler.profile(with_flops=True, record_shapes=True) as profiler:
         meta_train_step(trainer.model, engine, batch, trainer.optimizer)
-    return sum(event.flops for event in profiler.key_averages()) / len(batch.ratings)
+    events = profiler.key_averages(group_by_input_shape=True)
+    flop = sum(event.flops for event in events)
+    for event in events:
+        if event.key == "aten::baddbmm_":
+            (n_batch, rows, inner), (_, _, cols) = event.input_shapes[1], event.input_shapes[2]
+            flop += 2 * n_batch * rows * inner * cols * event.count
+    return flop / len(batch.ratings)
 
 
 def step_cost(trainer, users, batch_sizes, rounds, device):
@@ -299,18 +306,21 @@ def user_scaling(args):
 
 
 def growth(sizes):
-    """Per-user cost at each size and whether it is flat (linear growth): max / min spread of the
-    per-user seconds, and a least-squares line a + b * users for each measure."""
+    """How each measure grows with the number of users: the least-squares line a + b * users, the
+    marginal cost per user between consecutive sizes, and whether the points lie on the line
+    (largest residual at most LINEAR_TOLERANCE of the measured value: linear growth; a fixed part
+    such as the interpreter's memory goes into a)."""
     users = sorted(sizes)
     measures = ("prepare_seconds", "epoch_seconds", "training_peak_rss_mb", "prepare_peak_rss_mb", "processed_mb")
     result = {}
     for measure in measures:
         values = [sizes[n][measure] for n in users]
-        per_user = [v / n for v, n in zip(values, users)]
-        line = least_squares(users, values)
-        result[measure] = {"per_user": dict(zip(users, per_user)), "intercept": line[0], "slope_per_user": line[1],
-                           "spread_of_per_user": max(per_user) / min(per_user),
-                           "linear": max(per_user) / min(per_user) <= LINEAR_SPREAD}
+        intercept, slope = least_squares(users, values)
+        residual = max(abs(v - (intercept + slope * n)) / v for n, v in zip(users, values))
+        result[measure] = {"intercept": intercept, "slope_per_user": slope,
+                           "marginal_per_user": {f"{a}-{b}": (vb - va) / (b - a) for (a, va), (b, vb)
+                                                 in zip(zip(users, values), zip(users[1:], values[1:]))},
+                           "largest_relative_residual": residual, "linear": residual <= LINEAR_TOLERANCE}
     return result
 
 

@@ -72,19 +72,20 @@ def test_step_sizes_beyond_the_users_the_data_has_are_refused(tmp_path):
     assert "--scaling size 40 exceeds the" in str(exit_.value) and "raise --n-users" in str(exit_.value)
 
 
-def test_growth_calls_flat_per_user_costs_linear_and_fits_the_line():
-    sizes = {n: {"prepare_seconds": 0.5 + 0.01 * n, "epoch_seconds": 0.01 * n * (1.1 if n == 400 else 1.0),
+def test_growth_fits_a_line_with_a_fixed_part_and_flags_curvature():
+    sizes = {n: {"prepare_seconds": 0.5 + 0.01 * n, "epoch_seconds": 0.01 * n * (1.3 if n == 400 else 1.0),
                  "training_peak_rss_mb": 300 + 0.2 * n, "prepare_peak_rss_mb": 0.001 * n * n,
                  "processed_mb": 0.05 * n}
              for n in (100, 200, 400)}
     growth = speed.growth(sizes)
-    epoch = growth["epoch_seconds"]
-    assert epoch["per_user"] == {100: 0.01, 200: 0.01, 400: pytest.approx(0.011)}
-    assert epoch["spread_of_per_user"] == pytest.approx(1.1) and epoch["linear"]
-    rss = growth["training_peak_rss_mb"]
+    rss = growth["training_peak_rss_mb"]  # a large fixed part is still linear growth
     assert rss["intercept"] == pytest.approx(300) and rss["slope_per_user"] == pytest.approx(0.2)
-    assert not growth["prepare_peak_rss_mb"]["linear"]  # per user 0.1 -> 0.4: quadratic
-    assert growth["processed_mb"]["spread_of_per_user"] == pytest.approx(1.0)
+    assert rss["largest_relative_residual"] == pytest.approx(0, abs=1e-12) and rss["linear"]
+    assert rss["marginal_per_user"] == {"100-200": pytest.approx(0.2), "200-400": pytest.approx(0.2)}
+    epoch = growth["epoch_seconds"]  # 1, 2, 5.2 s: the last step costs 1.6x per user
+    assert epoch["marginal_per_user"] == {"100-200": pytest.approx(0.01), "200-400": pytest.approx(0.016)}
+    assert not epoch["linear"] and not growth["prepare_peak_rss_mb"]["linear"]  # 10, 40, 160: quadratic
+    assert growth["prepare_seconds"]["linear"] and growth["processed_mb"]["linear"]
 
 
 @pytest.mark.slow
@@ -97,4 +98,4 @@ def test_user_scaling_runs_each_size_in_fresh_processes(tmp_path):
     for record in result["sizes"].values():
         assert record["prepare_seconds"] > 0 and record["epoch_seconds"] > 0
         assert record["training_peak_rss_mb"] > 50 and record["prepare_peak_rss_mb"] > 50
-    assert set(result["growth"]["epoch_seconds"]["per_user"]) == {"60", "90"}
+    assert set(result["growth"]["epoch_seconds"]["marginal_per_user"]) == {"60-90"}

@@ -31,14 +31,16 @@ def to_device(batch, device):
                        batch.ratings.to(device), batch.scenarios.to(device), batch.support_size)
 
 
-def assert_identical(first, second):
+def assert_identical(first, second, atol=0.0):
+    """Same losses at every step, predictions and final state (to atol; 0: bit for bit)."""
     losses_a, predictions_a, state_a = first
     losses_b, predictions_b, state_b = second
-    assert all(torch.equal(a, b) for a, b in zip(losses_a, losses_b))
-    assert all(torch.equal(a, b) for a, b in zip(predictions_a, predictions_b))
+    assert len(losses_a) == len(losses_b) and len(predictions_a) == len(predictions_b)
+    for a, b in zip(losses_a + predictions_a, losses_b + predictions_b):
+        assert torch.allclose(a, b, atol=atol, rtol=0)
     assert state_a.keys() == state_b.keys()
     for name in state_a:
-        assert torch.equal(state_a[name], state_b[name]), name
+        assert torch.allclose(state_a[name], state_b[name], atol=atol, rtol=0), name
 
 
 def test_buffered_calls_give_exactly_the_eager_numbers_on_cpu():
@@ -69,7 +71,7 @@ def test_a_memory_replaced_after_capture_is_refused():
 
 
 def test_compile_modes_resolve_per_device_and_engine():
-    model = build(small_config())
+    model = build(small_config(cpu_threads=1))
     assert type(make_engine(model)) is BatchedEngine  # auto on CPU: eager
     assert type(make_engine(model, compile="none")) is BatchedEngine
     for name in ("batched", "reference"):
@@ -84,10 +86,11 @@ def test_compile_modes_resolve_per_device_and_engine():
 def test_cuda_graphs_give_exactly_the_eager_cuda_numbers():
     """Captured and replayed on the GPU (float32, the default dtype): every step's losses (so no
     step's result is overwritten by the next replay), the predictions and the final state equal
-    the eager CUDA run's."""
+    the eager CUDA run's (the same kernels: expected bit for bit; 1e-6 leaves room for a library
+    that picks another algorithm under capture, far below what a stale input would change)."""
     eager = train_and_predict(lambda model: make_engine(model, compile="none"), "cuda", torch.float32)
     graphed = train_and_predict(lambda model: make_engine(model, compile="cuda-graphs"), "cuda", torch.float32)
-    assert_identical(eager, graphed)
+    assert_identical(eager, graphed, atol=1e-6)
 
 
 @CUDA
