@@ -11,9 +11,13 @@ engines compute the same thing:
 - `ReferenceEngine`: one user at a time with `torch.func`, written for reading. Supports Adam
   local updates and second-order meta-gradients.
 - `BatchedEngine`: all users of a batch at once, plain gradient descent, first order. Each local
-  step changes a linear layer by a low-rank update, so every layer is kept as its initial weight
-  plus the factors of those updates (`modules.low_rank`); no per-user weight matrix is formed.
+  step changes a linear layer by a low-rank update; each layer is kept in the form that costs
+  least (`modules.low_rank`): a shared weight plus the updates' factors, the first layers' fixed
+  inputs with their products computed once, or one weight per user where a memory read gives
+  each user its own start.
 Tests check both against each other and against an independent loop-based implementation.
+`ParallelEngine` runs the batched engine on groups of a batch's users on CPU threads, and
+`modules.cuda_graphs.GraphedEngine` replays its calls as CUDA graphs; `make_engine` picks.
 """
 import math
 import os
