@@ -84,6 +84,9 @@ def test_growth_fits_a_line_with_a_fixed_part_and_flags_curvature():
     assert rss["marginal_per_user"] == {"100-200": pytest.approx(0.2), "200-400": pytest.approx(0.2)}
     epoch = growth["epoch_seconds"]  # 1, 2, 5.2 s: the last step costs 1.6x per user
     assert epoch["marginal_per_user"] == {"100-200": pytest.approx(0.01), "200-400": pytest.approx(0.016)}
+    # line -0.6 + n / 70 (least squares, by hand): 0.829 at 100 users, 6/35 below the measured 1 s
+    assert epoch["slope_per_user"] == pytest.approx(1 / 70) and epoch["intercept"] == pytest.approx(-0.6)
+    assert epoch["largest_relative_residual"] == pytest.approx(6 / 35)
     assert not epoch["linear"] and not growth["prepare_peak_rss_mb"]["linear"]  # 10, 40, 160: quadratic
     assert growth["prepare_seconds"]["linear"] and growth["processed_mb"]["linear"]
 
