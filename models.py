@@ -16,12 +16,9 @@ engines compute the same thing:
   inputs with their products computed once, or one weight per user where a memory read gives
   each user its own start.
 Tests check both against each other and against an independent loop-based implementation.
-`ParallelEngine` runs the batched engine on groups of a batch's users on CPU threads, and
-`modules.cuda_graphs.GraphedEngine` replays its calls as CUDA graphs; `make_engine` picks.
+`modules.cuda_graphs.GraphedEngine` replays the batched engine's calls as CUDA graphs; `make_engine` picks.
 """
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,13 +33,11 @@ from modules.input_loading import InputLoading
 from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts
 from modules.memories import TASK_WRITES, DenseUserValues, Memories, PerUserValues
 from modules.rec_model import MEM_LAYER, RecModel
-from utils import select_users
 
 MEM_WEIGHT = f"rec.{MEM_LAYER}.weight"
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 TASK_INITS = ("normal", "phi")
 COMPILE_MODES = ("auto", "none", "cuda-graphs")
-AUTO_CPU_THREADS = 4
 
 
 def is_positive_number(value):
@@ -59,9 +54,6 @@ def check_compile(compile):
 def check_options(config):
     """Raise a one-line ValueError naming the config key when a model option has a bad value."""
     check_compile(config["compile"])
-    threads = config["cpu_threads"]
-    if threads != "auto" and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
-        raise ValueError(f"cpu_threads must be 'auto' or an integer >= 1, got {threads!r}")
     if config["head"] not in ("classification", "regression"):
         raise ValueError(f"head must be 'classification' or 'regression', got {config['head']!r}")
     if not is_positive_number(config["attention_temperature"]):
@@ -565,76 +557,6 @@ class BatchedEngine:
         return self.adapted_query(batch, profiles, item_profiles, attention)[1]
 
 
-class GroupedUserValues:
-    """Per-user values of a batch whose users were computed in consecutive groups (PerUserValues)."""
-
-    def __init__(self, groups, slices):
-        self.groups, self.slices = groups, slices  # one PerUserValues per group; the users (slices) of each
-
-    def weighted_sum(self, weights):
-        """Attention-weighted sum over users: weights [B, K] -> the groups' sums added."""
-        return sum(group.weighted_sum(weights[users]) for group, users in zip(self.groups, self.slices))
-
-
-class ParallelEngine:
-    """An engine run on consecutive groups of a batch's users at once, one CPU thread per group.
-
-    Users are independent until the global step, so each group's meta-gradients (or predictions)
-    are computed on its own and joined: means weighted by group size, per-user values in user
-    order; the same numbers up to float rounding. torch spreads one large product over its threads
-    well but not this engine's many small per-user products, and on a busy machine its threads wait
-    on each other at every operation: so this engine sets torch's intra-op threads to 1 (for the
-    whole process: the rest of a step is too small to gain from more) and runs the groups instead.
-    """
-
-    def __init__(self, engine, n_groups):
-        self.engine, self.model, self.n_groups = engine, engine.model, n_groups
-        self.pool = ThreadPoolExecutor(n_groups)
-        torch.set_num_threads(1)
-
-    def run(self, method, batch, profiles, item_profiles, attention):
-        """method on each group of users -> ([its result per group], [the users of each group])."""
-        n_users = profiles.shape[0]
-        n_groups = min(self.n_groups, n_users)
-        bounds = [round(g * n_users / n_groups) for g in range(n_groups + 1)]
-        slices = [slice(start, end) for start, end in zip(bounds, bounds[1:])]
-
-        def group(users):
-            return method(select_users(batch, users), profiles[users], item_profiles[users],
-                          None if attention is None else attention[users])
-
-        return list(self.pool.map(group, slices)), slices
-
-    def meta_gradients(self, batch, profiles, item_profiles, attention):
-        """As BatchedEngine.meta_gradients."""
-        parts, slices = self.run(self.engine.meta_gradients, batch, profiles, item_profiles, attention)
-        shares = [(users.stop - users.start) / profiles.shape[0] for users in slices]
-
-        def mean(values):  # a mean over each group's users -> the mean over the batch's
-            return sum(value * share for value, share in zip(values, shares))
-
-        def per_user(values):  # d(group mean) / d(a user's input) -> d(batch mean) / d(...)
-            return torch.cat([value * share for value, share in zip(values, shares)])
-
-        def grouped(values):
-            return None if values[0] is None else GroupedUserValues(values, slices)
-
-        first = parts[0]
-        return MetaGradients(
-            query_loss=torch.cat([part.query_loss for part in parts]),
-            phi_grads={name: mean([part.phi_grads[name] for part in parts]) for name in first.phi_grads},
-            profile_grads=per_user([part.profile_grads for part in parts]),
-            item_grads=per_user([part.item_grads for part in parts]),
-            user_grads={name: grouped([part.user_grads[name] for part in parts]) for name in first.user_grads},
-            mem_weights=grouped([part.mem_weights for part in parts]),
-            mem_updates=grouped([part.mem_updates for part in parts]),
-        )
-
-    def predict(self, batch, profiles, item_profiles, attention):
-        """As BatchedEngine.predict."""
-        return torch.cat(self.run(self.engine.predict, batch, profiles, item_profiles, attention)[0])
-
-
 def make_engine(model, name="auto", compile=None):
     """The engine called `name`: 'batched' | 'reference' | 'auto' (batched for plain gradient
     descent, first order), run as `compile` says (None: the model's config['compile'];
@@ -649,20 +571,7 @@ def make_engine(model, name="auto", compile=None):
     if name == "reference":
         return ReferenceEngine(model)
     engine = BatchedEngine(model)
-    if compile == "cuda-graphs":
-        return GraphedEngine(engine)
-    n_groups = cpu_threads(cfg["cpu_threads"]) if device.type == "cpu" else 1
-    return ParallelEngine(engine, n_groups) if n_groups > 1 else engine
-
-
-def cpu_threads(setting):
-    """The number of CPU threads config['cpu_threads'] asks for: an int >= 1, or 'auto': the cores
-    this process may run on, at most AUTO_CPU_THREADS (each thread holds Python's lock while it
-    issues an operation, so more threads mostly wait on each other)."""
-    if setting == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return min(cores, AUTO_CPU_THREADS)
-    return setting
+    return GraphedEngine(engine) if compile == "cuda-graphs" else engine
 
 
 def resolve_compile(compile, engine_name, device):

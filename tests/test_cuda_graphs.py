@@ -71,7 +71,7 @@ def test_a_memory_replaced_after_capture_is_refused():
 
 
 def test_compile_modes_resolve_per_device_and_engine():
-    model = build(small_config(cpu_threads=1))
+    model = build(small_config())
     assert type(make_engine(model)) is BatchedEngine  # auto on CPU: eager
     assert type(make_engine(model, compile="none")) is BatchedEngine
     for name in ("batched", "reference"):

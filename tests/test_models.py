@@ -1,13 +1,11 @@
 """The functional core: personalised initialisation, local and global steps against plain torch,
 and the batched engine against the per-user reference engine."""
 import copy
-import os
 
 import pytest
 import torch
 
-from models import (AUTO_CPU_THREADS, MAMO, MEM_WEIGHT, BatchedEngine, ParallelEngine, cpu_threads, make_engine,
-                    meta_train_step, predict_query, support_batches)
+from models import MAMO, MEM_WEIGHT, make_engine, meta_train_step, predict_query, support_batches
 from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts, outer_product_sum
 from tests.conftest import TINY_FEATURES, random_batch, small_config
 
@@ -139,37 +137,6 @@ def test_batched_engine_equals_reference_through_training(overrides, users_per_s
     test = random_batch(5, seed=99)
     assert torch.allclose(predict_query(models[0], engines[0], test), predict_query(models[1], engines[1], test),
                           atol=1e-10)
-
-
-@pytest.mark.parametrize("n_groups", [2, 3])
-def test_parallel_engine_equals_the_batched_engine_through_training(n_groups):
-    """Users computed in groups on threads and joined (group-size-weighted means, per-user values
-    in user order) give the one-batch engine's losses, parameters, memories and predictions."""
-    cfg = small_config(meta_optimizer="sgd", clip_query_grad=0.2, cpu_threads=1)
-    models = [build(cfg), build(cfg)]
-    engines = [make_engine(models[0], "batched"), ParallelEngine(make_engine(models[1], "batched"), n_groups)]
-    optimizers = [torch.optim.SGD(m.meta_parameters(), lr=0.5) for m in models]
-    for step in range(3):
-        batch = random_batch(5, seed=step)  # groups of unequal size
-        losses = [meta_train_step(m, e, batch, o) for m, e, o in zip(models, engines, optimizers)]
-        assert torch.allclose(losses[0], losses[1], atol=1e-12, rtol=0)
-    assert_same_state(snapshot(models[0]), snapshot(models[1]), atol=1e-12)
-    test = random_batch(4, seed=99)
-    assert torch.allclose(predict_query(models[0], engines[0], test), predict_query(models[1], engines[1], test),
-                          atol=1e-12, rtol=0)
-
-
-def test_cpu_threads_chooses_the_parallel_engine_on_cpu(monkeypatch):
-    threads = torch.get_num_threads()
-    try:
-        assert type(make_engine(build(small_config(cpu_threads=1)))) is BatchedEngine
-        assert torch.get_num_threads() == threads  # one group: torch's threads are left alone
-        engine = make_engine(build(small_config(cpu_threads=3)))
-        assert type(engine) is ParallelEngine and engine.n_groups == 3 and torch.get_num_threads() == 1
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-        assert cpu_threads("auto") == AUTO_CPU_THREADS == 4
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_batched_engine_matches_reference_in_float32():
@@ -370,7 +337,7 @@ def test_dense_layer_weighted_sums_of_weights_and_of_their_change():
     ("attention_temperature", 0), ("attention_temperature", -1.0), ("attention_temperature", "1"),
     ("attention_temperature", float("inf")), ("task_memory_write", "sum"), ("task_memory_init", "zeros"),
     ("clip_query_grad", 0), ("clip_query_grad", -5.0), ("clip_query_grad", True), ("freeze_mem_layer", "yes"),
-    ("head", "ranking"), ("compile", "fast"), ("cpu_threads", 0), ("cpu_threads", "2"), ("cpu_threads", True)])
+    ("head", "ranking"), ("compile", "fast")])
 def test_bad_option_values_raise_one_line_errors_naming_the_key(key, value):
     with pytest.raises(ValueError, match=f"^{key} must be") as error:
         build(small_config(**{key: value}))
