@@ -113,11 +113,12 @@ class LowRankLinear:
         return out.view(n_users, n, -1)
 
     def forward(self, x, base_out=None):
-        """The layer's outputs: x [B, n, in] -> x W_b^T + bias_b [B, n, out]; base_out: base_forward(x), if known."""
+        """The layer's outputs: x [B, n, in] -> x W_b^T + bias_b [B, n, out]; base_out: base_forward(x),
+        if known (a fresh tensor: it is added to in place)."""
         out = self.base_forward(x) if base_out is None else base_out
         if self.rows is None:
             return out
-        return torch.baddbmm(out, ones_gram(self.one, x, self.rows), self.deltas)
+        return out.baddbmm_(ones_gram(self.one, x, self.rows), self.deltas)
 
     def forward_pair(self, shared, rows, x):
         """Outputs for the input rows [shared; rows_r]: shared [B, 1, a] is the same for every row,
@@ -135,7 +136,7 @@ class LowRankLinear:
         grad_in = (out_grad.reshape(n_users * n, n_out) @ self.base[:, columns]).view(n_users, n, -1)
         if self.rows is None:
             return grad_in
-        return torch.baddbmm(grad_in, torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows[..., columns])
+        return grad_in.baddbmm_(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows[..., columns])
 
     def add_grad_sq_norm(self, total, x, out_grad):
         """total [B] + the squared norm of the gradient out_grad^T x (and its bias part) [B]."""
@@ -187,7 +188,7 @@ class FixedInputLinear:
             grad_in = (out_grad.reshape(n_users * n, n_out) @ self.base).view(n_users, n, -1)
         else:
             grad_in = mixture_input_grad(out_grad, self.base, self.coef)
-        return torch.baddbmm(grad_in, torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.slot_inputs)
+        return grad_in.baddbmm_(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.slot_inputs)
 
     def add_grad_sq_norm(self, total, rows, out_grad):
         """total [B] + the squared norm of the gradient at input rows `rows` (a slice) [B]."""
