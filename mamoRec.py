@@ -252,7 +252,8 @@ class MAMRec:
         optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
         if cfg["meta_optimizer"] not in optimizers:
             raise ValueError(f"meta_optimizer must be 'adam' or 'sgd', got {cfg['meta_optimizer']!r}")
-        self.optimizer = optimizers[cfg["meta_optimizer"]](self.model.meta_parameters(), **meta_step_settings(
+        # fused: one kernel per parameter instead of about ten (5 % of a 32-user step on 2 CPU threads)
+        self.optimizer = optimizers[cfg["meta_optimizer"]](self.model.meta_parameters(), fused=True, **meta_step_settings(
             cfg["meta_optimizer"], cfg["lambda"], cfg["users_per_step"], cfg["meta_step_scaling"]))
         self.epochs, self.epoch, self.train_seconds, self.eval_seconds = [], 0, 0.0, 0.0
 

@@ -144,7 +144,9 @@ class MAMO(nn.Module):
         n = outputs.shape[-2]
         if self.regression:
             return (2.0 / n) * (outputs - targets.unsqueeze(-1))
-        return (torch.softmax(outputs, -1) - F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)) / n
+        probs = torch.softmax(outputs, -1)  # minus 1 at each row's target: softmax minus the one-hot targets
+        index = targets.unsqueeze(-1)
+        return probs.scatter_(-1, index, probs.gather(-1, index) - 1.0).div_(n)
 
     def predictions(self, outputs):
         """Predictions of outputs [..., n, n_y].
