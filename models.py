@@ -393,6 +393,15 @@ class BatchedEngine:
                              "use the reference engine for Adam or second-order updates")
         self.model, self.config = model, cfg
         self.user_columns, self.item_columns = model.theta_net.rec_input_columns()
+        self.storages = {}  # per-user weights of the DenseLinear layers, by layer and batch shape
+
+    def storage(self, name, n_users, bases):
+        """A reused tensor for the per-user weights of layer `name` [B, out, in] (contents undefined).
+        The results of a call hold it until the next call (as a CUDA graph's outputs do)."""
+        key = (name, n_users, bases.shape[1:], bases.dtype, bases.device)
+        if key not in self.storages:
+            self.storages[key] = bases.new_empty(n_users, *bases.shape[1:])
+        return self.storages[key]
 
     def initial_layers(self, profiles, item_profiles, attention, support_size):
         """The users' personalised initial layers: {stack name: [Layer]}, ready for a local update
@@ -426,7 +435,7 @@ class BatchedEngine:
                 elif j == 0 and prefix == "item":
                     linear = FixedInputLinear(item_profiles, support_size, base, bias.expand(n_users, -1))
                 elif coef is not None:
-                    linear = DenseLinear(bases, coef, bias.expand(n_users, -1))
+                    linear = DenseLinear(bases, coef, bias.expand(n_users, -1), self.storage(name, n_users, bases))
                 else:
                     rows_per_step = 1 if prefix == "user" else cfg["batch_size"]
                     linear = LowRankLinear(base, bias, n_users, rows_per_step * n_steps)

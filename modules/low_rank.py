@@ -204,13 +204,16 @@ class DenseLinear:
     """One linear layer of B users with a weight per user, started at per-user mixtures.
 
     bases [J, out, in], coef [B, J]: W_b = sum_j coef[b, j] bases[j], changed in place by each
-    step; bias [B, out].
+    step; bias [B, out]. storage: a tensor of B * out * in elements to hold the weights (reused
+    from call to call, a fresh one of several MB costs its page faults every time), or None.
     """
 
-    def __init__(self, bases, coef, bias):
+    def __init__(self, bases, coef, bias, storage=None):
         self.bases, self.coef = bases, coef
         n_users = coef.shape[0]
-        self.weight = (coef @ bases.flatten(1)).view(n_users, *bases.shape[1:])
+        mixed = torch.mm(coef, bases.flatten(1), out=storage.view(n_users, -1)) if storage is not None else \
+            coef @ bases.flatten(1)
+        self.weight = mixed.view(n_users, *bases.shape[1:])
         self.bias, self.one = bias.clone(), bases.new_ones(())
 
     def forward(self, x):
