@@ -124,3 +124,21 @@ def collapse_warning(method, epoch, record, temperature):
 def as_record(diagnostics):
     """A MemoryDiagnostics (or None) as the plain dict metrics.json and checkpoints keep."""
     return None if diagnostics is None else asdict(diagnostics)
+
+
+@torch.no_grad()
+def critical_temperature(profiles):
+    """The attention temperature below which the profile memory can keep distinct slots: rho_max(J).
+
+    With every slot at E[p]/K (the collapsed state) a small difference between two slots grows or
+    shrinks under the write by (1 - alpha) I + (alpha / T) J, J = E[p p^T / |p|] (I - P_mu) / |mu|
+    (mu = E[p], P_mu the projection on mu); so the collapse is stable iff rho_max(J) < T, whatever
+    alpha (docs/results.md). profiles p [N, D_u] -> rho_max(J), from the symmetric matrix
+    (I - P_mu) E[p p^T / |p|] (I - P_mu) / |mu|, which has J's eigenvalues.
+    """
+    p = profiles.double()
+    mu = p.mean(0)
+    second = (p / p.norm(dim=1, keepdim=True)).t() @ p / p.shape[0]  # E[p p^T / |p|]
+    unit = mu / mu.norm()
+    off_mu = torch.eye(p.shape[1], dtype=p.dtype) - torch.outer(unit, unit)
+    return torch.linalg.eigvalsh(off_mu @ second @ off_mu / mu.norm()).max().item()
