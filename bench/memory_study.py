@@ -471,7 +471,7 @@ def write_figures(study, cells, out, log):
             values = [v["mean"] for v in values if v]
             ax.set_ylim(min(values) - 0.05, max(values) + 0.05)
             ax.set_xticks(range(len(subsets)))
-            ax.set_xticklabels([s.replace("_", "\n", 1) for s in subsets], fontsize=7)
+            ax.set_xticklabels([s.replace("_user_", " user\n").replace("_", " ") for s in subsets], fontsize=7)
             ax.set_title(metric.upper() + (" (lower is better)" if LOWER_IS_BETTER[metric] else " (higher is better)"))
         axes[0].legend(fontsize=6)
         fig.suptitle(f"{name}: mean ± sd over seeds per scenario")
