@@ -17,8 +17,8 @@ written to OUT/cells/<dataset>/<model>/seed<S>.json (atomically) with its final 
 losses, metrics and memory diagnostics, and timings. A finished cell is never run again, so an
 interrupted study continues where it stopped, and several processes may share OUT: each cell is
 claimed by a lock file (created with O_EXCL, held with flock while the cell runs) and a lock whose
-process has died is taken over. Every process then writes OUT/study.json (all per-seed numbers,
-summaries, paired differences), OUT/study.md (tables) and, with matplotlib installed
+process has died is taken over. Every process then writes OUT/study.json (every cell's final table per
+seed, summaries, paired differences), OUT/study.md (tables) and, with matplotlib installed
 (`pip install -r requirements-extra.txt`), OUT/*.png figures.
 """
 import argparse
@@ -502,7 +502,8 @@ def write_study(out, n_epoch, threads, figures, log):
     records = {path.stem: json.loads(path.read_text()) for path in sorted((Path(out) / "datasets").glob("*.json"))}
     study = {"n_epoch": n_epoch, "threads": threads, "datasets": records,
              "summary": summarise(cells, records),
-             "cells": {f"{d}/{m}": runs for (d, m), runs in cells.items()}}
+             "per_seed": {f"{d}/{m}": {seed: record["results"] for seed, record in runs.items()}
+                          for (d, m), runs in cells.items()}}
     atomic_write_json(Path(out) / "study.json", study)
     atomic_write_text(Path(out) / "study.md", markdown(study) + "\n")
     if figures:
@@ -552,7 +553,7 @@ def main(argv=None):
         atomic_write_json(args.out / "datasets" / f"{data.name}.json", data.record())
     ran = run_grid(datasets, grid_models(args.variants), args.seeds, args.epochs, args.out, args.scratch, log)
     study = write_study(args.out, args.epochs, args.threads, args.figures, log)
-    log(f"{len(ran)} cells run; {sum(len(runs) for runs in study['cells'].values())} in {args.out}")
+    log(f"{len(ran)} cells run; {sum(len(runs) for runs in study['per_seed'].values())} in {args.out}")
     print((Path(args.out) / "study.md").read_text())
 
 

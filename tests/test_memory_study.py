@@ -173,7 +173,8 @@ def test_tiny_grid_end_to_end_agrees_with_mamoRec_and_resumes(tmp_path, capsys):
     for per_model in study["summary"].values():
         assert list(per_model) == ["mamo", "best_departures", "no_memory", "no_memory_frozen"]
         assert per_model["best_departures"]["paired"]["no_memory_frozen"]["all"]["mae"]["n"] == 2
-    cell = study["cells"]["planted/mamo"]["1"]
+    assert set(study["per_seed"]["ml1m/no_memory"]) == {"1", "2"}
+    cell = json.loads(cell_path(tmp_path / "out", "planted", "mamo", 1).read_text())
     assert cell["epochs"][0]["memory"]["attention_spread"] >= 0 and cell["memory_at_start"] is not None
     assert set(cell["attention_by_type"]) <= {"0", "1", "2", "3"} and cell["critical_temperature"]["start"] > 0
     # a cell is what mamoRec.run gives for the same settings and seed
