@@ -322,10 +322,12 @@ def read_cells(out):
 
 
 def comparisons(model):
-    """The memory-free models a model is compared with: {label: model name} (none for a memory-free model)."""
+    """The models a MAMO variant is compared with: {label: model name}: its memory-free models, and
+    MAMO as published for a departure (none for a memory-free model)."""
     if model not in VARIANTS:
         return {}
-    return {ablation: ablation_name(ablation, model) for ablation in ABLATIONS}
+    return {**{ablation: ablation_name(ablation, model) for ablation in ABLATIONS},
+            **({"mamo": "mamo"} if model != "mamo" else {})}
 
 
 def summarise(cells, dataset_records):
@@ -393,7 +395,7 @@ def markdown(study):
                 row = data["references"][reference][subset]
                 lines.append(f"| {reference} | - | " + " | ".join(
                     "-" if row[metric] is None else f"{row[metric]:.4f}" for metric in METRICS) + " |")
-            lines += ["", f"### {subset}: paired differences, model minus memory-free model: "
+            lines += ["", f"### {subset}: paired differences, model minus the model it is compared with: "
                           "mean ± sd over seeds (t = mean / (sd / √n), seeds on which the model is better / seeds)",
                       "", "| model | against | MAE | RMSE | NDCG@3 |", "|---|---|---|---|---|"]
             for model, entry in per_model.items():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from models import MAMO, MEM_WEIGHT
-from modules.diagnostics import COLLAPSE_SPREAD, memory_diagnostics
-from modules.memories import buffer_name
+from modules.diagnostics import COLLAPSE_SPREAD, critical_temperature, memory_diagnostics, slot_spread
+from modules.memories import Memories, buffer_name
 from tests.conftest import TINY_FEATURES, small_config
 from tests.test_mamoRec_units import trainer
 
@@ -117,3 +117,25 @@ def test_a_collapsed_attention_is_warned_about_once(tmp_path, collapsed):
     assert warnings[0].startswith("warning: mamo epoch 1: the memory attention has collapsed")
     assert "attention_temperature (1)" in warnings[0] and "docs/results.md#" in warnings[0]
     assert "SPEC" not in warnings[0]
+
+
+@pytest.mark.parametrize("alpha, ratio, collapses, epochs", [
+    (0.5, 1.5, True, 5), (0.5, 0.7, True, 5), (0.5, 0.3, False, 5), (0.05, 1.1, True, 20), (0.05, 0.7, False, 20)])
+def test_the_profile_memory_collapses_above_the_critical_temperature(alpha, ratio, collapses, epochs):
+    """The published write, one user at a time over profiles around a common direction, at
+    T = ratio * rho_max(J). Above rho_max(J) the slots collapse to one vector; below it they stay
+    apart when alpha is small, while a large alpha's per-user noise collapses them even a little
+    below it (alpha = 0.5: at 0.7 rho_max(J), not at 0.3)."""
+    gen = torch.Generator().manual_seed(0)
+    profiles = torch.randn(600, 6, generator=gen, dtype=torch.float64) * torch.tensor([0.3, 1, 1, 1, 1, 1.0])
+    profiles[:, 0] += 2.0
+    rho = critical_temperature(profiles)
+    assert rho == pytest.approx(0.18, abs=0.01)
+    memories = Memories(3, 6, {}, (1, 1), feature_memory=False, task_memory=False, generator=gen,
+                        temperature=ratio * rho)
+    memories.profile = memories.profile.double()
+    for _ in range(epochs):
+        for p in profiles:
+            memories.write(memories.attention(p[None]), p[None], {}, None, None, alpha=alpha, beta=0.0, gamma=0.0)
+    spread = slot_spread(memories.profile)
+    assert (spread < 1e-6) if collapses else (spread > 0.1), spread

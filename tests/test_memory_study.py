@@ -43,7 +43,13 @@ def test_memory_free_models_are_shared_unless_a_variant_changes_them():
         "clip_query_grad": 5.0, "feature_memory": False, "task_memory": False, "freeze_mem_layer": True}
     assert model_overrides("best_departures") == {"attention_temperature": 0.05, "task_memory_write": "increment",
                                                   "task_memory_init": "phi"}
-    assert memory_study.comparisons("phi_init") == {"no_memory": "no_memory", "no_memory_frozen": "no_memory_frozen"}
+    assert memory_study.comparisons("phi_init") == {"no_memory": "no_memory", "no_memory_frozen": "no_memory_frozen",
+                                                    "mamo": "mamo"}
+    assert memory_study.comparisons("clip_query_grad_5") == {
+        "no_memory": "no_memory[clip_query_grad=5.0]", "no_memory_frozen": "no_memory_frozen[clip_query_grad=5.0]",
+        "mamo": "mamo"}
+    assert memory_study.comparisons("mamo") == {"no_memory": "no_memory", "no_memory_frozen": "no_memory_frozen"}
+    assert memory_study.comparisons("no_memory") == {}
     with pytest.raises(ValueError, match="unknown model"):
         model_overrides("no_memory[alpha=1]")
 
