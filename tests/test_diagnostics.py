@@ -7,7 +7,7 @@ import torch
 
 from models import MAMO, MEM_WEIGHT
 from modules.diagnostics import COLLAPSE_SPREAD, critical_temperature, memory_diagnostics, slot_spread
-from modules.memories import Memories, buffer_name
+from modules.memories import DenseUserValues, Memories, buffer_name
 from tests.conftest import TINY_FEATURES, small_config
 from tests.test_mamoRec_units import trainer
 
@@ -139,3 +139,24 @@ def test_the_profile_memory_collapses_above_the_critical_temperature(alpha, rati
             memories.write(memories.attention(p[None]), p[None], {}, None, None, alpha=alpha, beta=0.0, gamma=0.0)
     spread = slot_spread(memories.profile)
     assert (spread < 1e-6) if collapses else (spread > 0.1), spread
+
+
+def test_under_uniform_attention_the_published_task_write_settles_at_the_mean_update_over_k_minus_1():
+    """Every user reads W = mean of the slots and writes its adapted W + delta: the read tends to
+    delta / (K - 1) whatever the slots started at; the increment write adds gamma * delta / K per user."""
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.tensor([[0.2, -0.1], [0.0, 0.4]], dtype=torch.float64)
+    uniform = torch.full((1, 3), 1 / 3, dtype=torch.float64)
+    profile = torch.zeros(1, 2, dtype=torch.float64)
+    reads = {}
+    for rule in ("published", "increment"):
+        memories = Memories(3, 2, {}, (2, 2), feature_memory=False, task_memory=True, generator=gen, task_write=rule)
+        memories.task = memories.task.double()
+        start = memories.task_weight(uniform)[0]
+        for _ in range(400):
+            read = memories.task_weight(uniform)
+            memories.write(uniform, profile, {}, DenseUserValues(read + delta), DenseUserValues(delta[None]),
+                           alpha=0.0, beta=0.0, gamma=0.1)
+        reads[rule] = (start, memories.task_weight(uniform)[0])
+    assert torch.allclose(reads["published"][1], delta / 2)
+    assert torch.allclose(reads["increment"][1], reads["increment"][0] + 400 * 0.1 * delta / 3)
