@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configs import config_settings
+from configs import PRESETS, config_settings
 from data_prep.download import DownloadError
 from data_prep.prepare_data import BOOKCROSSING_DATASETS, ensure_prepared, protocol_from_config
 from data_prep.preprocess_BookCrossing import AGE_RANGE as BX_AGE_RANGE, age_bucket_of, country_of
@@ -766,6 +766,8 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, help="training seed")
     parser.add_argument("--users-per-step", type=int, help="training users per global step")
     parser.add_argument("--engine", choices=["auto", "batched", "reference"], help="computation path")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings from configs.PRESETS, applied "
+                        "over configs.py (other flags still override them)")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                         help="download missing raw files (default on; --no-download refuses)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", default=None,
@@ -794,8 +796,9 @@ def flag_text(key, value):
 
 
 def build_config(args):
-    """configs.py overridden by the flags (a new run)."""
+    """configs.py, overridden by the --preset's settings, then by the flags (a new run)."""
     cfg = copy.deepcopy(config_settings)
+    cfg.update(PRESETS.get(args.preset, {}))
     cfg.update(given_flags(args))
     return cfg
 
@@ -809,6 +812,8 @@ def resumed_config(args):
     flags = given_flags(args)
     refused = [f"{flag_text(key, value)} (the run has {key}={cfg[key]!r})" for key, value in flags.items()
                if key not in RESUME_FREE_KEYS + ("run_dir",) and value != cfg[key]]
+    refused += [f"--preset {args.preset} (the run has {key}={cfg[key]!r})"
+                for key, value in PRESETS.get(args.preset, {}).items() if value != cfg[key]]
     if "run_dir" in flags and Path(flags["run_dir"]).resolve() != Path(args.resume).resolve():
         refused.append(f"--run-dir {flags['run_dir']} (resuming {args.resume})")
     if refused:

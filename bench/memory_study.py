@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.seeds_table import METRICS  # noqa: E402
-from configs import config_settings  # noqa: E402
+from configs import PRESETS, config_settings  # noqa: E402
 from data_prep.prepare_data import ensure_prepared, protocol_from_config  # noqa: E402
 from data_prep.ridge_references import ridge_references  # noqa: E402
 from data_prep.synthetic_types import task_type  # noqa: E402
@@ -59,7 +59,7 @@ VARIANTS = {
     "increment_write": {"task_memory_write": "increment"},
     "phi_init": {"task_memory_init": "phi"},
     "clip_query_grad_5": {"clip_query_grad": 5.0},
-    "best_departures": {"attention_temperature": 0.05, "task_memory_write": "increment", "task_memory_init": "phi"},
+    "best_departures": dict(PRESETS["best_departures"]),
 }
 #: Settings that only change the memories: the memory-free models do not depend on them.
 MEMORY_ONLY_KEYS = ("attention_temperature", "task_memory_write", "task_memory_init")

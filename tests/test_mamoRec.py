@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mamoRec
+from configs import PRESETS
 from data_prep.task_io import load_processed
 from models import MAMO, MEM_WEIGHT
 from tests.conftest import run_config
@@ -206,6 +207,17 @@ def test_command_line_flags_override_the_config():
     defaults = mamoRec.build_config(mamoRec.parse_args([]))
     assert defaults["ablation"] is True and defaults["download"] is True
     assert defaults["run_dir"] == "runs/{dataset}/{timestamp}-seed{seed}"
+
+
+def test_a_preset_sets_its_settings_and_flags_still_override():
+    cfg = mamoRec.build_config(mamoRec.parse_args(["--preset", "best_departures", "--seed", "3"]))
+    assert {key: cfg[key] for key in PRESETS["best_departures"]} == PRESETS["best_departures"]
+    assert cfg["attention_temperature"] == 0.05 and cfg["seed"] == 3
+    assert {key: cfg[key] for key, value in cfg.items() if key not in PRESETS["best_departures"]} == {
+        key: value for key, value in mamoRec.build_config(mamoRec.parse_args(["--seed", "3"])).items()
+        if key not in PRESETS["best_departures"]}
+    with pytest.raises(SystemExit):
+        mamoRec.parse_args(["--preset", "no_such_preset"])
 
 
 def test_copied_run_folder_still_resumes(finished_run, synthetic_dir, tmp_path, monkeypatch):
