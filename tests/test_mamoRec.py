@@ -209,7 +209,7 @@ def test_command_line_flags_override_the_config():
     assert defaults["run_dir"] == "runs/{dataset}/{timestamp}-seed{seed}"
 
 
-def test_a_preset_sets_its_settings_and_flags_still_override():
+def test_a_preset_sets_its_settings_and_nothing_else():
     cfg = mamoRec.build_config(mamoRec.parse_args(["--preset", "best_departures", "--seed", "3"]))
     assert {key: cfg[key] for key in PRESETS["best_departures"]} == PRESETS["best_departures"]
     assert cfg["attention_temperature"] == 0.05 and cfg["seed"] == 3
