@@ -7,7 +7,8 @@
 Datasets: MovieLens-100K (`ml100k`, from --ml100k-raw), the planted-types synthetic set (`planted`,
 --planted-users users, generated) and MovieLens-1M (`ml1m`, only when --ml1m-raw is given).
 Models: MAMO as published (`mamo`), each departure from it alone, the three memory departures
-together (`best_departures`), and the memory-free references `no_memory` and `no_memory_frozen`
+together (`best_departures`, configs.PRESETS), the two task-memory departures without the
+temperature (`increment_phi`: the same start, but collapsed, impersonal reads), and the memory-free references `no_memory` and `no_memory_frozen`
 (VARIANTS, ABLATIONS). A variant that changes more than the memories (clip_query_grad also clips
 the memory-free models' query gradients) gets its own memory-free models, trained with the same
 setting, and is compared with those; the other variants share one pair per seed and dataset.
@@ -60,6 +61,9 @@ VARIANTS = {
     "phi_init": {"task_memory_init": "phi"},
     "clip_query_grad_5": {"clip_query_grad": 5.0},
     "best_departures": dict(PRESETS["best_departures"]),
+    # the two task-memory departures at T = 1, where the attention collapses: best_departures without
+    # its personal reads, which tells what the personal part adds
+    "increment_phi": {"task_memory_write": "increment", "task_memory_init": "phi"},
 }
 #: Settings that only change the memories: the memory-free models do not depend on them.
 MEMORY_ONLY_KEYS = ("attention_temperature", "task_memory_write", "task_memory_init")
