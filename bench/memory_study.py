@@ -420,9 +420,57 @@ def markdown(study):
     return "\n".join(lines)
 
 
+def memory_figure(plt, name, per_model, cells):
+    """Attention spread and task-read norm over the epochs (0: before training), per MAMO variant."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model in (model for model in per_model if model in VARIANTS):
+        runs = list(cells[(name, model)].values())
+        for ax, field in zip(axes, ("attention_spread", "task_read_norm")):
+            series = [[max(value, 1e-9) for value in [run["memory_at_start"][field]]
+                       + [row["memory"][field] for row in run["epochs"]]] for run in runs]
+            epochs = list(range(len(series[0])))
+            line, = ax.plot(epochs, [statistics.mean(v[e] for v in series) for e in epochs], marker="o", label=model)
+            ax.fill_between(epochs, [min(v[e] for v in series) for e in epochs],
+                            [max(v[e] for v in series) for e in epochs], color=line.get_color(), alpha=0.15)
+    free = cells.get((name, "no_memory"))
+    if free:
+        axes[1].axhline(statistics.mean(r["phi_mem_weight_norm"] for r in free.values()), color="black",
+                        linestyle="--", label="no_memory's learned mem_layer weight")
+    axes[0].axhline(1e-3, color="grey", linestyle=":", label="collapse threshold")
+    for ax, title in zip(axes, ("attention spread over test users (floor 1e-9)", "norm of the task-memory read")):
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch (0: before training)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{name}: memory reads over training (mean over seeds, band: min-max)")
+    return fig
+
+
+def scenario_figure(plt, name, per_model):
+    """Per-scenario bars of MAE, RMSE and NDCG@3 with the seed-to-seed sd as error bars."""
+    models, subsets = list(per_model), list(SUBSETS)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    width = 0.8 / len(models)
+    for ax, metric in zip(axes, METRICS):
+        for j, model in enumerate(models):
+            stats = [per_model[model]["metrics"][subset][metric] for subset in subsets]
+            xs = [i + (j - len(models) / 2 + 0.5) * width for i in range(len(subsets))]
+            ax.bar(xs, [s["mean"] if s else 0 for s in stats], width,
+                   yerr=[s["sd"] if s else 0 for s in stats], capsize=2, label=model)
+        means = [per_model[m]["metrics"][s][metric]["mean"] for m in models for s in subsets
+                 if per_model[m]["metrics"][s][metric]]
+        ax.set_ylim(min(means) - 0.05, max(means) + 0.05)
+        ax.set_xticks(range(len(subsets)))
+        ax.set_xticklabels([s.replace("_user_", " user\n").replace("_", " ") for s in subsets], fontsize=7)
+        ax.set_title(metric.upper() + (" (lower is better)" if LOWER_IS_BETTER[metric] else " (higher is better)"))
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{name}: mean ± sd over seeds per scenario")
+    return fig
+
+
 def write_figures(study, cells, out, log):
-    """PNG figures per dataset (matplotlib, optional): attention spread and task-read norm over the
-    epochs, and per-scenario bars with error bars. Returns the files written."""
+    """PNG figures per dataset (matplotlib, optional): OUT/<dataset>_memory_over_epochs.png and
+    OUT/<dataset>_scenarios.png. Returns the files written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -432,60 +480,12 @@ def write_figures(study, cells, out, log):
         return []
     written = []
     for name, per_model in study["summary"].items():
-        variants = [model for model in per_model if model in VARIANTS]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for model in variants:
-            runs = list(cells[(name, model)].values())
-            for ax, field in zip(axes, ("attention_spread", "task_read_norm")):
-                series = [[run["memory_at_start"][field]] + [row["memory"][field] for row in run["epochs"]]
-                          for run in runs]
-                epochs = range(len(series[0]))
-                means = [statistics.mean(max(v[e], 1e-9) for v in series) for e in epochs]
-                low = [min(max(v[e], 1e-9) for v in series) for e in epochs]
-                high = [max(max(v[e], 1e-9) for v in series) for e in epochs]
-                line, = ax.plot(list(epochs), means, marker="o", label=model)
-                ax.fill_between(list(epochs), low, high, color=line.get_color(), alpha=0.15)
-        free = cells.get((name, "no_memory"))
-        if free:
-            axes[1].axhline(statistics.mean(r["phi_mem_weight_norm"] for r in free.values()), color="black",
-                            linestyle="--", label="no_memory's learned mem_layer weight")
-        for ax, title in zip(axes, ("attention spread over test users (floor 1e-9)", "norm of the task-memory read")):
-            ax.set_yscale("log")
-            ax.set_xlabel("epoch (0: before training)")
-            ax.set_title(title)
-        axes[0].axhline(1e-3, color="grey", linestyle=":", label="collapse threshold")
-        axes[1].legend(fontsize=7)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{name}: memory reads over training (mean over seeds, band: min-max)")
-        fig.tight_layout()
-        path = Path(out) / f"{name}_memory_over_epochs.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
-
-        models = list(per_model)
-        subsets = list(SUBSETS)
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        width = 0.8 / len(models)
-        for ax, metric in zip(axes, METRICS):
-            for j, model in enumerate(models):
-                stats = [per_model[model]["metrics"][subset][metric] for subset in subsets]
-                xs = [i + (j - len(models) / 2 + 0.5) * width for i in range(len(subsets))]
-                ax.bar(xs, [s["mean"] if s else 0 for s in stats], width,
-                       yerr=[s["sd"] if s else 0 for s in stats], capsize=2, label=model)
-            values = [per_model[m]["metrics"][s][metric] for m in models for s in subsets]
-            values = [v["mean"] for v in values if v]
-            ax.set_ylim(min(values) - 0.05, max(values) + 0.05)
-            ax.set_xticks(range(len(subsets)))
-            ax.set_xticklabels([s.replace("_user_", " user\n").replace("_", " ") for s in subsets], fontsize=7)
-            ax.set_title(metric.upper() + (" (lower is better)" if LOWER_IS_BETTER[metric] else " (higher is better)"))
-        axes[0].legend(fontsize=6)
-        fig.suptitle(f"{name}: mean ± sd over seeds per scenario")
-        fig.tight_layout()
-        path = Path(out) / f"{name}_scenarios.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        for suffix, fig in (("memory_over_epochs", memory_figure(plt, name, per_model, cells)),
+                            ("scenarios", scenario_figure(plt, name, per_model))):
+            fig.tight_layout()
+            written.append(Path(out) / f"{name}_{suffix}.png")
+            fig.savefig(written[-1], dpi=90)
+            plt.close(fig)
     return written
 
 

@@ -156,6 +156,15 @@ def test_tables_and_json_without_matplotlib(tmp_path, monkeypatch):
     assert "| support_mean | - | 1.1000 | 1.2000 | 0.4000 |" in markdown
 
 
+def test_figures_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    fake_study_cells(tmp_path)
+    memory_study.write_study(tmp_path, 1, 1, figures=True, log=lambda line: None)
+    pngs = sorted(path.name for path in tmp_path.glob("*.png"))
+    assert pngs == ["fake_memory_over_epochs.png", "fake_scenarios.png"]
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
+
+
 def test_training_and_the_study_module_do_not_import_matplotlib():
     """matplotlib is an optional extra: only write_figures imports it."""
     code = "import sys, mamoRec, bench.memory_study; print('matplotlib' in sys.modules)"
