@@ -65,6 +65,8 @@ VARIANTS = {
     # its personal reads, which tells what the personal part adds
     "increment_phi": {"task_memory_write": "increment", "task_memory_init": "phi"},
 }
+#: Further comparisons of a variant: best_departures against itself without personal reads.
+CONTROLS = {"best_departures": ("increment_phi",)}
 #: Settings that only change the memories: the memory-free models do not depend on them.
 MEMORY_ONLY_KEYS = ("attention_temperature", "task_memory_write", "task_memory_init")
 DATASETS = {  # study name -> dataset key of mamoRec
@@ -326,12 +328,12 @@ def read_cells(out):
 
 
 def comparisons(model):
-    """The models a MAMO variant is compared with: {label: model name}: its memory-free models, and
-    MAMO as published for a departure (none for a memory-free model)."""
+    """The models a MAMO variant is compared with: {label: model name}: its memory-free models, MAMO
+    as published for a departure, and its CONTROLS (none for a memory-free model)."""
     if model not in VARIANTS:
         return {}
     return {**{ablation: ablation_name(ablation, model) for ablation in ABLATIONS},
-            **({"mamo": "mamo"} if model != "mamo" else {})}
+            **({"mamo": "mamo"} if model != "mamo" else {}), **{control: control for control in CONTROLS.get(model, ())}}
 
 
 def summarise(cells, dataset_records):
@@ -422,7 +424,7 @@ def markdown(study):
 
 def memory_figure(plt, name, per_model, cells):
     """Attention spread and task-read norm over the epochs (0: before training), per MAMO variant."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     for model in (model for model in per_model if model in VARIANTS):
         runs = list(cells[(name, model)].values())
         for ax, field in zip(axes, ("attention_spread", "task_read_norm")):
@@ -441,7 +443,8 @@ def memory_figure(plt, name, per_model, cells):
         ax.set_yscale("log")
         ax.set_xlabel("epoch (0: before training)")
         ax.set_title(title)
-        ax.legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="center right")
+    axes[1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.suptitle(f"{name}: memory reads over training (mean over seeds, band: min-max)")
     return fig
 
@@ -449,21 +452,21 @@ def memory_figure(plt, name, per_model, cells):
 def scenario_figure(plt, name, per_model):
     """Per-scenario bars of MAE, RMSE and NDCG@3 with the seed-to-seed sd as error bars."""
     models, subsets = list(per_model), list(SUBSETS)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4))
     width = 0.8 / len(models)
     for ax, metric in zip(axes, METRICS):
         for j, model in enumerate(models):
             stats = [per_model[model]["metrics"][subset][metric] for subset in subsets]
             xs = [i + (j - len(models) / 2 + 0.5) * width for i in range(len(subsets))]
-            ax.bar(xs, [s["mean"] if s else 0 for s in stats], width,
-                   yerr=[s["sd"] if s else 0 for s in stats], capsize=2, label=model)
+            ax.bar(xs, [s["mean"] if s else 0 for s in stats], width, yerr=[s["sd"] if s else 0 for s in stats],
+                   capsize=2, label=model, color=plt.cm.tab20(j % 20))
         means = [per_model[m]["metrics"][s][metric]["mean"] for m in models for s in subsets
                  if per_model[m]["metrics"][s][metric]]
         ax.set_ylim(min(means) - 0.05, max(means) + 0.05)
         ax.set_xticks(range(len(subsets)))
         ax.set_xticklabels([s.replace("_user_", " user\n").replace("_", " ") for s in subsets], fontsize=7)
         ax.set_title(metric.upper() + (" (lower is better)" if LOWER_IS_BETTER[metric] else " (higher is better)"))
-    axes[0].legend(fontsize=6)
+    axes[-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.suptitle(f"{name}: mean ± sd over seeds per scenario")
     return fig
 

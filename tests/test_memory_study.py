@@ -49,6 +49,8 @@ def test_memory_free_models_are_shared_unless_a_variant_changes_them():
         "no_memory": "no_memory[clip_query_grad=5.0]", "no_memory_frozen": "no_memory_frozen[clip_query_grad=5.0]",
         "mamo": "mamo"}
     assert memory_study.comparisons("mamo") == {"no_memory": "no_memory", "no_memory_frozen": "no_memory_frozen"}
+    assert list(memory_study.comparisons("best_departures")) == ["no_memory", "no_memory_frozen", "mamo",
+                                                                 "increment_phi"]
     assert memory_study.comparisons("no_memory") == {}
     with pytest.raises(ValueError, match="unknown model"):
         model_overrides("no_memory[alpha=1]")
