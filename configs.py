@@ -1,8 +1,8 @@
 """Experiment settings. Edit this dict to change an experiment; `mamoRec.py` flags override it.
 
-The first block holds the released MAMO keys with their released values (SPEC §6); the second
+The first block holds the released MAMO keys with their released values; the second
 block holds settings this implementation adds. Any default that departs from the released code
-is listed, with its measured reason, in the README's fidelity table.
+is listed, with its measured reason, in docs/fidelity.md.
 
 The data protocol's settings (support_size ... item_cold_max_ratings) take their defaults from
 data_prep/protocol.py; a prepared data folder is used only if it was prepared with exactly them.

@@ -1,4 +1,4 @@
-"""Shared utilities: rating predictions, metrics (SPEC §5), reproducibility, devices, files.
+"""Shared utilities: rating predictions, metrics (docs/method.md, Evaluation), reproducibility, devices, files.
 
 Array arguments accept numpy arrays, torch tensors or sequences; metrics are computed in float64
 numpy and returned as plain Python numbers so that results are JSON-serialisable.
@@ -137,7 +137,7 @@ def ndcg_at_k(scores, ratings, k: int = 3) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation table (SPEC §5) and its text report
+# Evaluation table (docs/method.md, Evaluation) and its text report
 # ---------------------------------------------------------------------------------------------
 
 
@@ -164,7 +164,7 @@ def _subset_metrics(users, truth, predicted, scores, k: int) -> dict:
 
 def evaluation_table(user_ids, scenarios, true_ratings, predicted_ratings, ranking_scores,
                      k: int = 3) -> dict:
-    """Per-scenario and overall metrics of the test users' query ratings (SPEC §5).
+    """Per-scenario and overall metrics of the test users' query ratings (docs/method.md, Evaluation).
 
     All arguments are [N], one entry per query rating: user id, scenario code 0..3, true rating,
     predicted rating (for MAE/RMSE) and ranking score (for NDCG, e.g. the expected rating).

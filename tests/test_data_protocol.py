@@ -1,4 +1,4 @@
-"""Each rule of the data protocol (SPEC section 1) on tiny hand-written raw files."""
+"""Each rule of the data protocol on tiny hand-written raw files."""
 from __future__ import annotations
 
 import json
