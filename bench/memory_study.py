@@ -336,6 +336,16 @@ def comparisons(model):
             **({"mamo": "mamo"} if model != "mamo" else {}), **{control: control for control in CONTROLS.get(model, ())}}
 
 
+def memory_by_epoch(runs):
+    """Mean over seeds of each scalar memory diagnostic, per epoch (0: before training): {field: [E + 1]};
+    None for a memory-free model."""
+    if runs[0]["memory_at_start"] is None:
+        return None
+    series = [[run["memory_at_start"]] + [row["memory"] for row in run["epochs"]] for run in runs]
+    return {field: [statistics.mean(records[epoch][field] for records in series) for epoch in range(len(series[0]))]
+            for field, value in runs[0]["memory_at_start"].items() if isinstance(value, float)}
+
+
 def summarise(cells, dataset_records):
     """The study's summary per dataset: per model and subset, mean/sd of each metric, and paired
     differences against the memory-free models; per model, the runtimes."""
@@ -349,7 +359,11 @@ def summarise(cells, dataset_records):
             runs = cells[(name, model)]
             entry = {"seeds": sorted(runs), "metrics": {}, "paired": {},
                      "train_seconds": mean_sd([r["train_seconds"] for r in runs.values()]),
-                     "wall_seconds": mean_sd([r["wall_seconds"] for r in runs.values()])}
+                     "wall_seconds": mean_sd([r["wall_seconds"] for r in runs.values()]),
+                     "phi_mem_weight_norm": mean_sd([r["phi_mem_weight_norm"] for r in runs.values()]),
+                     "critical_temperature": {moment: mean_sd([r["critical_temperature"][moment] for r in runs.values()])
+                                              for moment in ("start", "end")},
+                     "memory_by_epoch": memory_by_epoch(list(runs.values()))}
             for subset in SUBSETS:
                 entry["metrics"][subset] = {metric: mean_sd([r["results"][subset][metric] for r in runs.values()
                                                              if r["results"][subset][metric] is not None])
@@ -414,7 +428,20 @@ def markdown(study):
                       "|---|---|---|"]
             lines += [f"| {ref} | {v['mae']:.4f} | {v['rmse']:.4f} |" for ref, v in data["ridge_references"].items()]
             lines.append("")
-        lines += ["### runtimes (seconds per cell, mean ± sd)", "", "| model | train | wall |", "|---|---|---|"]
+        lines += ["### memory diagnostics of the test users' reads (mean over seeds; epoch 0: before training)", "",
+                  "| model | statistic | by epoch |", "|---|---|---|"]
+        for model, entry in per_model.items():
+            for field, values in (entry["memory_by_epoch"] or {}).items():
+                lines.append(f"| {model} | {field} | " + ", ".join(f"{v:.3g}" for v in values) + " |")
+        lines += ["", "### critical temperature rho_max(J) of the training users' profiles, and the norm of phi's "
+                      "mem_layer weight after training (mean ± sd)", "",
+                  "| model | rho_max(J) at start | after training | phi mem_layer weight norm |", "|---|---|---|---|"]
+        for model, entry in per_model.items():
+            critical, norm = entry["critical_temperature"], entry["phi_mem_weight_norm"]
+            lines.append(f"| {model} | {critical['start']['mean']:.3f} ± {critical['start']['sd']:.3f} | "
+                         f"{critical['end']['mean']:.3f} ± {critical['end']['sd']:.3f} | "
+                         f"{norm['mean']:.2f} ± {norm['sd']:.2f} |")
+        lines += ["", "### runtimes (seconds per cell, mean ± sd)", "", "| model | train | wall |", "|---|---|---|"]
         for model, entry in per_model.items():
             lines.append(f"| {model} | {entry['train_seconds']['mean']:.1f} ± {entry['train_seconds']['sd']:.1f} | "
                          f"{entry['wall_seconds']['mean']:.1f} ± {entry['wall_seconds']['sd']:.1f} |")
@@ -513,7 +540,7 @@ def write_study(out, n_epoch, threads, figures, log):
              "summary": summarise(cells, records),
              "per_seed": {f"{d}/{m}": {seed: record["results"] for seed, record in runs.items()}
                           for (d, m), runs in cells.items()}}
-    atomic_write_json(Path(out) / "study.json", study)
+    atomic_write_json(Path(out) / "study.json", study, indent=None)
     atomic_write_text(Path(out) / "study.md", markdown(study) + "\n")
     if figures:
         write_figures(study, cells, out, log)

@@ -124,6 +124,7 @@ def fake_study_cells(out):
             record = {"dataset": "fake", "model": model, "seed": seed, "n_epoch": 1, "threads": 1,
                       "data_checksum": "x", "results": results, "train_seconds": 1.0, "wall_seconds": 2.0,
                       "phi_mem_weight_norm": 3.0, "memory_at_start": memory if model == "mamo" else None,
+                      "critical_temperature": {"start": 0.25, "end": 0.2 + seed / 100},
                       "epochs": [{"epoch": 1, "memory": memory if model == "mamo" else None}]}
             path = cell_path(out, "fake", model, seed)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +157,9 @@ def test_tables_and_json_without_matplotlib(tmp_path, monkeypatch):
     assert "| mamo | 2 | 0.9150 ± 0.0071 | 1.0000 ± 0.0000 | 0.5000 ± 0.0000 |" in markdown
     assert "| mamo | no_memory | -0.1000 ± 0.0000 (t -inf, 2/2) |" in markdown
     assert "| support_mean | - | 1.1000 | 1.2000 | 0.4000 |" in markdown
+    assert "| mamo | attention_spread | 0.01, 0.01 |" in markdown  # before training and after epoch 1
+    assert "| no_memory | 0.250 ± 0.000 | 0.215 ± 0.007 | 3.00 ± 0.00 |" in markdown
+    assert study["summary"]["fake"]["no_memory"]["memory_by_epoch"] is None
 
 
 def test_figures_with_matplotlib(tmp_path):
