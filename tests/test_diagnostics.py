@@ -160,3 +160,16 @@ def test_under_uniform_attention_the_published_task_write_settles_at_the_mean_up
         reads[rule] = (start, memories.task_weight(uniform)[0])
     assert torch.allclose(reads["published"][1], delta / 2)
     assert torch.allclose(reads["increment"][1], reads["increment"][0] + 400 * 0.1 * delta / 3)
+
+
+def test_the_diagnostics_reader_prints_one_row_per_epoch():
+    from bench.memory_diagnostics import diagnostics_table
+    record = {"attention_max_mean": 0.5, "attention_spread": 0.0, "slot_usage": [0.5, 0.5],
+              "profile_slot_spread": 0.0, "task_slot_spread": None, "task_read_norm": None,
+              "phi_mem_weight_norm": None, "task_read_ratio": None, "bias_term_ratio": 1.25e-05}
+    metrics = {"epochs": [{"epoch": 1, "memory": {"mamo": record}}, {"epoch": 2, "memory": {"mamo": record}}]}
+    lines = diagnostics_table(metrics).splitlines()
+    assert lines[0].startswith("| epoch | attention_max_mean | attention_spread | slot_usage_1 | slot_usage_2 |")
+    assert lines[2] == "| 1 | 0.5 | 0 | 0.5 | 0.5 | 0 | - | - | - | - | 1.25e-05 |" and len(lines) == 4
+    with pytest.raises(SystemExit, match="no memory diagnostics for no_memory"):
+        diagnostics_table(metrics, "no_memory")
