@@ -346,6 +346,14 @@ def memory_by_epoch(runs):
             for field, value in runs[0]["memory_at_start"].items() if isinstance(value, float)}
 
 
+def type_separation(attention_by_type):
+    """How differently the planted types read the memories: the largest total-variation distance
+    (half the L1 distance) between two types' mean attention, 0 (identical) .. 1 (disjoint slots)."""
+    means = list(attention_by_type.values())
+    return max((0.5 * sum(abs(x - y) for x, y in zip(a, b)) for i, a in enumerate(means) for b in means[i + 1:]),
+               default=0.0)
+
+
 def summarise(cells, dataset_records):
     """The study's summary per dataset: per model and subset, mean/sd of each metric, and paired
     differences against the memory-free models; per model, the runtimes."""
@@ -363,7 +371,9 @@ def summarise(cells, dataset_records):
                      "phi_mem_weight_norm": mean_sd([r["phi_mem_weight_norm"] for r in runs.values()]),
                      "critical_temperature": {moment: mean_sd([r["critical_temperature"][moment] for r in runs.values()])
                                               for moment in ("start", "end")},
-                     "memory_by_epoch": memory_by_epoch(list(runs.values()))}
+                     "memory_by_epoch": memory_by_epoch(list(runs.values())),
+                     "type_separation": mean_sd([type_separation(r["attention_by_type"]) for r in runs.values()
+                                                 if "attention_by_type" in r])}
             for subset in SUBSETS:
                 entry["metrics"][subset] = {metric: mean_sd([r["results"][subset][metric] for r in runs.values()
                                                              if r["results"][subset][metric] is not None])
@@ -441,6 +451,12 @@ def markdown(study):
             lines.append(f"| {model} | {critical['start']['mean']:.3f} ± {critical['start']['sd']:.3f} | "
                          f"{critical['end']['mean']:.3f} ± {critical['end']['sd']:.3f} | "
                          f"{norm['mean']:.2f} ± {norm['sd']:.2f} |")
+        separated = {model: entry["type_separation"] for model, entry in per_model.items() if entry["type_separation"]}
+        if separated:
+            lines += ["", "### planted types in the attention: largest total-variation distance between two types' "
+                          "mean attention of the test users (0: identical, 1: disjoint slots; mean ± sd over seeds)", "",
+                      "| model | type separation |", "|---|---|"]
+            lines += [f"| {model} | {stats['mean']:.3f} ± {stats['sd']:.3f} |" for model, stats in separated.items()]
         lines += ["", "### runtimes (seconds per cell, mean ± sd)", "", "| model | train | wall |", "|---|---|---|"]
         for model, entry in per_model.items():
             lines.append(f"| {model} | {entry['train_seconds']['mean']:.1f} ± {entry['train_seconds']['sd']:.1f} | "

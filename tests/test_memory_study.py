@@ -73,6 +73,13 @@ def recorded_cells(monkeypatch):
     return calls
 
 
+def test_type_separation_by_hand():
+    assert memory_study.type_separation({"0": [0.5, 0.5, 0.0], "1": [0.5, 0.5, 0.0]}) == 0.0
+    # types 0 and 2 differ most: |0.9 - 0.1| + |0.1 - 0.8| + |0 - 0.1| = 1.6, half of it 0.8
+    assert memory_study.type_separation({"0": [0.9, 0.1, 0.0], "1": [0.5, 0.5, 0.0],
+                                         "2": [0.1, 0.8, 0.1]}) == pytest.approx(0.8)
+
+
 def test_finished_cells_are_not_run_again(tmp_path, recorded_cells):
     done = cell_path(tmp_path, "fake", "mamo", 2)
     done.parent.mkdir(parents=True)
