@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bench import memory_study
+from configs import PRESETS
 from bench.memory_study import CellLock, cell_path, grid_models, model_overrides, paired_difference
 from tests.data_helpers import ROOT, random_ratings, write_ml1m
 
@@ -205,6 +206,9 @@ def test_tiny_grid_end_to_end_agrees_with_mamoRec_and_resumes(tmp_path, capsys):
     cell = json.loads(cell_path(tmp_path / "out", "planted", "mamo", 1).read_text())
     assert cell["epochs"][0]["memory"]["attention_spread"] >= 0 and cell["memory_at_start"] is not None
     assert set(cell["attention_by_type"]) <= {"0", "1", "2", "3"} and cell["critical_temperature"]["start"] > 0
+    best = json.loads(cell_path(tmp_path / "out", "planted", "best_departures", 1).read_text())
+    assert best["overrides"] == PRESETS["best_departures"] and best["results"] != cell["results"]
+    assert best["epochs"][0]["memory"]["task_read_ratio"] == pytest.approx(1.0, abs=0.1)  # starts at phi's weight
     # a cell is what mamoRec.run gives for the same settings and seed
     data_dir = study["datasets"]["planted"]["data_dir"]
     run = mamoRec.run(dict(mamoRec.config_settings, dataset="synthetic-types", data_dir=data_dir, seed=1, n_epoch=1,
