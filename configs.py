@@ -62,7 +62,6 @@ config_settings = {
     # control; no effect with the task memory, which gives that weight instead)
     "freeze_mem_layer": False,
     "first_order": True,  # first-order MAML; False differentiates through the local update
-    "freeze_mem_layer": False,  # keep the rec mem_layer weight at its initial value (not meta-learned)
     "ablation": True,  # also train the memory-free models no_memory and no_memory_frozen (--no-ablation)
     "engine": "auto",  # auto (batched when sgd + first order) | batched | reference (one user at a time)
 }
