@@ -25,13 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configs import config_settings
+from configs import PRESETS, config_settings
 from data_prep.download import DownloadError
 from data_prep.prepare_data import BOOKCROSSING_DATASETS, ensure_prepared, protocol_from_config
 from data_prep.preprocess_BookCrossing import AGE_RANGE as BX_AGE_RANGE, age_bucket_of, country_of
 from data_prep.preprocess_MovieLens import age_bucket
 from data_prep.raw_io import DataError
 from data_prep.task_io import data_checksum, load_processed, load_vocabularies
+from modules.diagnostics import as_record, collapse_warning, diagnostic_columns, diagnostic_values, is_collapsed, \
+    memory_diagnostics
 from modules.meta_step import meta_step_settings
 from models import COMPILE_MODES, MAMO, make_engine, meta_train_step, predict_query
 from utils import (SCENARIOS, SUBSETS, atomic_write_bytes, atomic_write_json, atomic_write_text, batch_to,
@@ -237,12 +239,15 @@ def differing_settings(saved, cfg):
 
 class MAMRec:
     """Meta-training and evaluation of one model (MAMO or an ablation), checkpointed in run_dir
-    after every epoch."""
+    after every epoch. After each epoch's evaluation, a model with memories also records the
+    diagnostics of the test users' memory reads (modules/diagnostics.py; `diagnostics=False` skips
+    them, for the test that they change no result)."""
 
     def __init__(self, cfg, manifest, train, test, run_dir, device, method="mamo", data_checksum=None,
-                 progress=False, log=None):
+                 progress=False, log=None, diagnostics=True):
         self.cfg, self.manifest, self.run_dir, self.device = cfg, manifest, Path(run_dir), device
         self.method, self.data_checksum, self.progress = method, data_checksum, progress
+        self.diagnostics, self.warned_collapse = diagnostics, False
         self.log = log or (lambda line: print(line, file=sys.stderr))
         self.train_tasks, self.test_tasks = batch_to(train, device), batch_to(test, device)
         generator = seed_everything(cfg["seed"])
@@ -284,6 +289,19 @@ class MAMRec:
         """The TABLE of the test users' query ratings."""
         return self.predict_test().table()
 
+    def memory_record(self):
+        """The diagnostics of the test users' memory reads as a dict (None without memories or diagnostics)."""
+        if not self.diagnostics:
+            return None
+        profiles = self.model.input_loading.user_profile(self.test_tasks.user_codes)
+        return as_record(memory_diagnostics(self.model, profiles))
+
+    def warn_collapse(self, epoch, memory):
+        """One warning line, the first time the attention is found collapsed in this session."""
+        if memory is not None and is_collapsed(memory) and not self.warned_collapse:
+            self.log(collapse_warning(self.method, epoch, memory, self.cfg["attention_temperature"]))
+            self.warned_collapse = True
+
     def fit(self, n_epoch):
         """Train up to n_epoch (continuing after a resumed epoch), evaluating after each epoch; one
         summary line per epoch. Returns the final QueryPredictions."""
@@ -295,16 +313,18 @@ class MAMRec:
             started = time.perf_counter()
             predictions = self.predict_test()
             table = predictions.table()
+            memory = self.memory_record()
             eval_seconds = time.perf_counter() - started
             self.train_seconds += train_seconds
             self.eval_seconds += eval_seconds
-            self.epochs.append({"epoch": epoch, "train_loss": train_loss, "results": table})
+            self.epochs.append({"epoch": epoch, "train_loss": train_loss, "results": table, "memory": memory})
             self.epoch = epoch
             self.save_checkpoint()
             overall = {metric: format_cell(value) for metric, value in table["all"].items()}
             self.log(f"{self.method} epoch {epoch}/{n_epoch}: loss {train_loss:.4f}, MAE {overall['mae']}, "
                      f"RMSE {overall['rmse']}, NDCG@3 {overall['ndcg@3']} "
                      f"({train_seconds:.1f} s train, {eval_seconds:.1f} s eval)")
+            self.warn_collapse(epoch, memory)
         return self.predict_test() if predictions is None else predictions
 
     def save_checkpoint(self):
@@ -360,29 +380,35 @@ class MAMRec:
 
 
 def merged_epochs(trainers, references):
-    """Per epoch: {"epoch", "train_loss": {trained method: loss}, "results": {method: TABLE}}; the
-    reference rows do not train and repeat their table every epoch."""
+    """Per epoch: {"epoch", "train_loss": {trained method: loss}, "results": {method: TABLE},
+    "memory": {method with memories: its diagnostics dict}}; the reference rows do not train and
+    repeat their table every epoch."""
     rows = []
     for per_method in zip(*(trainer.epochs for trainer in trainers.values())):
         tables = {method: row["results"] for method, row in zip(trainers, per_method)}
         rows.append({"epoch": per_method[0]["epoch"],
                      "train_loss": {method: row["train_loss"] for method, row in zip(trainers, per_method)},
-                     "results": {"mamo": tables.pop("mamo"), **references, **tables}})
+                     "results": {"mamo": tables.pop("mamo"), **references, **tables},
+                     "memory": {method: row["memory"] for method, row in zip(trainers, per_method)
+                                if row.get("memory") is not None}})
     return rows
 
 
-def write_epochs_csv(path, epochs):
-    """One row per (epoch, method): the method's own train loss (empty for reference rows) and the
-    overall and per-scenario metrics."""
+def write_epochs_csv(path, epochs, n_slots):
+    """One row per (epoch, method): the method's own train loss (empty for reference rows), the
+    overall and per-scenario metrics, and the memory diagnostics (modules/diagnostics.py, K = n_slots
+    slot-usage columns; empty for rows without memories)."""
     out = io.StringIO()
     writer = csv.writer(out)
     metrics = ("mae", "rmse", "ndcg@3")
-    writer.writerow(["epoch", "method", "train_loss"] + [f"{subset}_{metric}" for subset in SUBSETS for metric in metrics])
+    writer.writerow(["epoch", "method", "train_loss"] + [f"{subset}_{metric}" for subset in SUBSETS for metric in metrics]
+                    + [f"memory_{name}" for name in diagnostic_columns(n_slots)])
     for row in epochs:
         for method, table in row["results"].items():
             values = [table[subset][metric] for subset in SUBSETS for metric in metrics]
             writer.writerow([row["epoch"], method, row["train_loss"].get(method, "")] +
-                            ["" if value is None else value for value in values])
+                            ["" if value is None else value for value in values] +
+                            diagnostic_values(row["memory"].get(method), n_slots))
     atomic_write_text(path, out.getvalue())
 
 
@@ -565,7 +591,7 @@ def run(cfg, resume=False, overwrite=False, progress=False):
                    "epochs": merged_epochs(trainers, {name: results[name] for name in references}),
                    "results": results}
         write_predictions_csv(run_dir / PREDICTIONS, predictions)
-        write_epochs_csv(run_dir / EPOCHS_CSV, metrics["epochs"])
+        write_epochs_csv(run_dir / EPOCHS_CSV, metrics["epochs"], cfg["n_k"])
         atomic_write_json(run_dir / METRICS, metrics)
         atomic_write_json(run_dir / CONFIG, {"config": cfg, "provenance": provenance})
     except KeyboardInterrupt:
@@ -742,6 +768,8 @@ def parse_args(argv):
     parser.add_argument("--users-per-step", type=int, help="training users per global step")
     parser.add_argument("--engine", choices=["auto", "batched", "reference"], help="computation path")
     parser.add_argument("--compile", choices=COMPILE_MODES, help="auto | none | cuda-graphs (same numbers; see configs.py)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings from configs.PRESETS, applied "
+                        "over configs.py (other flags still override them)")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                         help="download missing raw files (default on; --no-download refuses)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", default=None,
@@ -770,8 +798,9 @@ def flag_text(key, value):
 
 
 def build_config(args):
-    """configs.py overridden by the flags (a new run)."""
+    """configs.py, overridden by the --preset's settings, then by the flags (a new run)."""
     cfg = copy.deepcopy(config_settings)
+    cfg.update(PRESETS.get(args.preset, {}))
     cfg.update(given_flags(args))
     return cfg
 
@@ -785,6 +814,8 @@ def resumed_config(args):
     flags = given_flags(args)
     refused = [f"{flag_text(key, value)} (the run has {key}={cfg[key]!r})" for key, value in flags.items()
                if key not in RESUME_FREE_KEYS + ("run_dir",) and value != cfg[key]]
+    refused += [f"--preset {args.preset} (the run has {key}={cfg[key]!r})"
+                for key, value in PRESETS.get(args.preset, {}).items() if value != cfg[key]]
     if "run_dir" in flags and Path(flags["run_dir"]).resolve() != Path(args.resume).resolve():
         refused.append(f"--run-dir {flags['run_dir']} (resuming {args.resume})")
     if refused:

@@ -10,7 +10,7 @@ the rating range; the regressions are fitted on rating minus the user's support 
 - per_user_in_space:  the same, fitting only the user's coordinates in the space the per-group
                       regressions span (the support used with the shared structure known).
 Used to check that a generated dataset holds the structure it plants (tests) and to report that
-ceiling beside trained models (bench/planted_types.py).
+ceiling beside trained models (bench/memory_study.py).
 """
 from __future__ import annotations
 

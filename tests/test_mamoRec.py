@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mamoRec
+from configs import PRESETS
 from data_prep.task_io import load_processed
 from models import MAMO, MEM_WEIGHT
 from tests.conftest import run_config
@@ -61,7 +62,8 @@ def test_config_and_metrics_record_the_provenance(finished_run):
 
 
 def test_console_prints_one_line_per_epoch_no_progress_bars_and_ends_with_the_run_folder(finished_run):
-    epoch_lines = [line for line in finished_run.stderr.splitlines() if " epoch " in line]
+    epoch_lines = [line for line in finished_run.stderr.splitlines()
+                   if " epoch " in line and not line.startswith("warning:")]
     assert len(epoch_lines) == 2 * len(TRAINED)
     assert re.fullmatch(r"mamo epoch 1/2: loss \d\.\d{4}, MAE \d\.\d{4}, RMSE \d\.\d{4}, NDCG@3 \d\.\d{4} .*",
                         epoch_lines[0])
@@ -106,6 +108,24 @@ def test_epochs_csv_gives_each_method_its_own_train_loss(finished_run):
     assert all(row["train_loss"] == "" for row in rows if row["method"] in ("train_mean", "support_mean"))
     mamo = [row["train_loss"] for row in rows if row["method"] == "mamo"]
     assert mamo != [row["train_loss"] for row in rows if row["method"] == "no_memory"]
+
+
+def test_memory_diagnostics_are_recorded_for_mamo_after_every_epoch(finished_run):
+    metrics = read_json(finished_run.run_dir / "metrics.json")
+    assert all(list(row["memory"]) == ["mamo"] for row in metrics["epochs"])
+    rows = read_csv(finished_run.run_dir / "epochs.csv")
+    for row in rows:
+        if row["method"] != "mamo":
+            assert all(value == "" for name, value in row.items() if name.startswith("memory_"))
+            continue
+        memory = metrics["epochs"][int(row["epoch"]) - 1]["memory"]["mamo"]
+        assert float(row["memory_attention_spread"]) == memory["attention_spread"]
+        assert [float(row[f"memory_slot_usage_{k + 1}"]) for k in range(3)] == memory["slot_usage"]
+        assert float(row["memory_task_read_norm"]) == memory["task_read_norm"] > 0
+    collapsed = [row["epoch"] for row in metrics["epochs"] if row["memory"]["mamo"]["attention_spread"] < 1e-3]
+    warnings = [line for line in finished_run.stderr.splitlines() if line.startswith("warning:")]
+    assert collapsed and len(warnings) == 1  # the published memories collapse here too (docs/results.md)
+    assert warnings[0].startswith(f"warning: mamo epoch {collapsed[0]}: the memory attention has collapsed")
 
 
 def test_ablations_have_no_memories_and_the_frozen_one_keeps_its_initial_mem_layer(finished_run, synthetic_dir):
@@ -187,6 +207,17 @@ def test_command_line_flags_override_the_config():
     defaults = mamoRec.build_config(mamoRec.parse_args([]))
     assert defaults["ablation"] is True and defaults["download"] is True
     assert defaults["run_dir"] == "runs/{dataset}/{timestamp}-seed{seed}"
+
+
+def test_a_preset_sets_its_settings_and_nothing_else():
+    cfg = mamoRec.build_config(mamoRec.parse_args(["--preset", "best_departures", "--seed", "3"]))
+    assert {key: cfg[key] for key in PRESETS["best_departures"]} == PRESETS["best_departures"]
+    assert cfg["attention_temperature"] == 0.05 and cfg["seed"] == 3
+    assert {key: cfg[key] for key, value in cfg.items() if key not in PRESETS["best_departures"]} == {
+        key: value for key, value in mamoRec.build_config(mamoRec.parse_args(["--seed", "3"])).items()
+        if key not in PRESETS["best_departures"]}
+    with pytest.raises(SystemExit):
+        mamoRec.parse_args(["--preset", "no_such_preset"])
 
 
 def test_copied_run_folder_still_resumes(finished_run, synthetic_dir, tmp_path, monkeypatch):

@@ -125,6 +125,8 @@ def test_resume_refuses_flags_that_change_results_naming_them(run_copy, capsys):
                       "--seed 9 (the run has seed=5)", "--users-per-step 8 (the run has users_per_step=16)")
     assert "--device" not in message.split("refused:")[1].split(".")[0]
     refused(["--resume", str(run_copy), "--no-ablation"], capsys, "--no-ablation (the run has ablation=True)")
+    refused(["--resume", str(run_copy), "--preset", "best_departures"], capsys,
+            "--preset best_departures (the run has attention_temperature=1.0)")
     refused(["--resume", str(run_copy), "--data-dir", "elsewhere"], capsys, "--data-dir elsewhere (the run has data_dir=")
     refused(["--resume", str(run_copy), "--run-dir", "elsewhere"], capsys, "--run-dir elsewhere (resuming")
     refused(["--resume", str(run_copy), "--epochs", "1"], capsys, "would shorten", "can only extend")

@@ -24,10 +24,12 @@ def with_ids(batch, first_user_id):
                                item_ids=(torch.arange(n_rows) + 100).expand(n_users, -1).clone())
 
 
-def trainer(tmp_path, **overrides):
+def trainer(tmp_path, log=None, diagnostics=True, **overrides):
+    """A MAMRec on 10 random training and 4 test users of TINY_FEATURES; `log` collects its lines."""
     cfg = small_config(**{"device": "cpu", "n_epoch": 2, **overrides})
     train, test = with_ids(random_batch(10, seed=1), 1), with_ids(random_batch(4, seed=2), 50)
-    return mamoRec.MAMRec(cfg, MANIFEST, train, test, tmp_path, torch.device("cpu"), log=lambda line: None)
+    return mamoRec.MAMRec(cfg, MANIFEST, train, test, tmp_path, torch.device("cpu"), log=log or (lambda line: None),
+                          diagnostics=diagnostics)
 
 
 def hand_batch(support_ratings, query_ratings, support_scenarios, query_scenarios):
@@ -154,16 +156,24 @@ def test_default_run_folders_are_unique_per_run(tmp_path):
         mamoRec.fill_folder("runs/{user}", {"dataset": "synthetic", "seed": 3}, started)
 
 
-def test_epochs_csv_rows_carry_each_methods_own_loss(tmp_path):
+def test_epochs_csv_rows_carry_each_methods_own_loss_and_diagnostics(tmp_path):
     table = {subset: {"mae": 1.0, "rmse": 2.0, "ndcg@3": None} for subset in mamoRec.SUBSETS}
+    memory = {"attention_max_mean": 0.75, "attention_spread": 0.125, "slot_usage": [0.625, 0.375],
+              "profile_slot_spread": 1.5, "task_slot_spread": None, "task_read_norm": None,
+              "phi_mem_weight_norm": None, "task_read_ratio": None, "bias_term_ratio": 0.01}
     epochs = [{"epoch": 1, "train_loss": {"mamo": 0.5, "no_memory": 0.25},
-               "results": {"mamo": table, "train_mean": table, "no_memory": table}}]
-    mamoRec.write_epochs_csv(tmp_path / "epochs.csv", epochs)
+               "results": {"mamo": table, "train_mean": table, "no_memory": table}, "memory": {"mamo": memory}}]
+    mamoRec.write_epochs_csv(tmp_path / "epochs.csv", epochs, n_slots=2)
     with open(tmp_path / "epochs.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["method"], row["train_loss"]) for row in rows] == [("mamo", "0.5"), ("train_mean", ""),
                                                                      ("no_memory", "0.25")]
     assert rows[0]["all_mae"] == "1.0" and rows[0]["all_ndcg@3"] == ""
+    assert (rows[0]["memory_attention_spread"], rows[0]["memory_slot_usage_1"], rows[0]["memory_slot_usage_2"],
+            rows[0]["memory_task_read_norm"], rows[0]["memory_bias_term_ratio"]) == ("0.125", "0.625", "0.375", "", "0.01")
+    memory_columns = [name for name in rows[0] if name.startswith("memory_")]
+    assert len(memory_columns) == len(memory) + 1  # slot_usage takes K = 2 columns
+    assert all(row[name] == "" for row in rows[1:] for name in memory_columns)
 
 
 def test_one_line_joins_multi_line_messages():
