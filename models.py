@@ -11,9 +11,12 @@ engines compute the same thing:
 - `ReferenceEngine`: one user at a time with `torch.func`, written for reading. Supports Adam
   local updates and second-order meta-gradients.
 - `BatchedEngine`: all users of a batch at once, plain gradient descent, first order. Each local
-  step changes a linear layer by a low-rank update, so every layer is kept as its initial weight
-  plus the factors of those updates (`modules.low_rank`); no per-user weight matrix is formed.
+  step changes a linear layer by a low-rank update; each layer is kept in the form that costs
+  least (`modules.low_rank`): a shared weight plus the updates' factors, the first layers' fixed
+  inputs with their products computed once, or one weight per user where a memory read gives
+  each user its own start.
 Tests check both against each other and against an independent loop-based implementation.
+`modules.cuda_graphs.GraphedEngine` replays the batched engine's calls as CUDA graphs; `make_engine` picks.
 """
 import math
 from dataclasses import dataclass
@@ -24,15 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value
 
-from modules.info_embedding import EmbeddingNetwork, activate, activation_slope
+from modules.info_embedding import EmbeddingNetwork, activate, activation_grad
+from modules.cuda_graphs import GraphedEngine
 from modules.input_loading import InputLoading
-from modules.low_rank import LowRankLinear, OuterProducts, grad_sq_norm
+from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts
 from modules.memories import TASK_WRITES, DenseUserValues, Memories, PerUserValues
 from modules.rec_model import MEM_LAYER, RecModel
 
 MEM_WEIGHT = f"rec.{MEM_LAYER}.weight"
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 TASK_INITS = ("normal", "phi")
+COMPILE_MODES = ("auto", "none", "cuda-graphs")
 
 
 def is_positive_number(value):
@@ -40,8 +45,15 @@ def is_positive_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def check_compile(compile):
+    """Raise a one-line ValueError unless `compile` is one of COMPILE_MODES."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILE_MODES))}, got {compile!r}")
+
+
 def check_options(config):
     """Raise a one-line ValueError naming the config key when a model option has a bad value."""
+    check_compile(config["compile"])
     if config["head"] not in ("classification", "regression"):
         raise ValueError(f"head must be 'classification' or 'regression', got {config['head']!r}")
     if not is_positive_number(config["attention_temperature"]):
@@ -132,7 +144,9 @@ class MAMO(nn.Module):
         n = outputs.shape[-2]
         if self.regression:
             return (2.0 / n) * (outputs - targets.unsqueeze(-1))
-        return (torch.softmax(outputs, -1) - F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)) / n
+        probs = torch.softmax(outputs, -1)  # minus 1 at each row's target: softmax minus the one-hot targets
+        index = targets.unsqueeze(-1)
+        return probs.scatter_(-1, index, probs.gather(-1, index) - 1.0).div_(n)
 
     def predictions(self, outputs):
         """Predictions of outputs [..., n, n_y].
@@ -336,7 +350,7 @@ def adam_update(theta, grads, state, step, lr, betas=(0.9, 0.999), eps=1e-8):
 class Layer(NamedTuple):
     """One linear layer of a stack, for all users of a batch."""
     name: str  # theta name prefix, e.g. "rec.layers.0"
-    linear: LowRankLinear
+    linear: LowRankLinear | FixedInputLinear | DenseLinear
     activated: bool  # followed by the activation
 
 
@@ -344,6 +358,7 @@ class TapeEntry(NamedTuple):
     """What the backward pass needs of one layer's forward pass."""
     layer: Layer
     input: torch.Tensor  # [B, n, in]
+    rows: slice | None  # a FixedInputLinear's input rows; None for the other forms
     pre_activation: torch.Tensor  # [B, n, out]
 
 
@@ -354,11 +369,22 @@ class LayerGrad(NamedTuple):
     """
     layer: Layer
     input: torch.Tensor  # [B, n, in]
+    rows: slice | None  # as TapeEntry.rows
     out_grad: torch.Tensor  # [B, n, out]: d loss / d pre-activation
+
+    @property
+    def step_input(self):
+        """What the layer's step and gradient norm read: its input rows' indices for a
+        FixedInputLinear (it keeps its inputs), else the inputs."""
+        return self.input if self.rows is None else self.rows
+
+
+USER_ROWS = slice(0, 1)  # the user stack reads one row: the profile
 
 
 class BatchedEngine:
-    """All users of a batch at once, in low-rank form (plain gradient descent, first order)."""
+    """All users of a batch at once, each layer in the form of `modules.low_rank` that suits it
+    (plain gradient descent, first order)."""
 
     def __init__(self, model):
         cfg = model.config
@@ -367,54 +393,79 @@ class BatchedEngine:
                              "use the reference engine for Adam or second-order updates")
         self.model, self.config = model, cfg
         self.user_columns, self.item_columns = model.theta_net.rec_input_columns()
+        self.storages = {}  # per-user weights of the DenseLinear layers, by layer and batch shape
 
-    def initial_layers(self, attention, n_users, support_size):
-        """The users' personalised initial layers: {stack name: [Layer]}, with room for the update
-        history of a local update on support_size rows."""
+    def storage(self, name, n_users, bases):
+        """A reused tensor for the per-user weights of layer `name` [B, out, in] (contents undefined).
+        The results of a call hold it until the next call (as a CUDA graph's outputs do)."""
+        key = (name, n_users, bases.shape[1:], bases.dtype, bases.device)
+        if key not in self.storages:
+            self.storages[key] = bases.new_empty(n_users, *bases.shape[1:])
+        return self.storages[key]
+
+    def initial_layers(self, profiles, item_profiles, attention, support_size):
+        """The users' personalised initial layers: {stack name: [Layer]}, ready for a local update
+        on the first support_size of item_profiles' rows.
+
+        profiles [B, 1, D_u], item_profiles [B, N, D_i], attention [B, K] or None. The first user
+        and item layers read fixed inputs (FixedInputLinear); a layer that starts at a per-user
+        mixture (memory reads) keeps a weight per user (DenseLinear); the others start at phi
+        (LowRankLinear).
+        """
         model, cfg = self.model, self.config
+        n_users = profiles.shape[0]
         n_steps = len(support_batches(support_size, cfg["batch_size"], cfg["n_inner_loop"]))
         layers = {}
         for prefix, stack in model.theta_net.stacks():
             layers[prefix] = []
             for j, (layer, activated) in enumerate(zip(stack.layers, stack.activated)):
                 name = f"{prefix}.layers.{j}"
-                base, bias, coef = layer.weight.detach(), layer.bias.detach().expand(n_users, -1), None
+                base, bias = layer.weight.detach(), layer.bias.detach()
+                bases = coef = None
                 if prefix == "user" and cfg["feature_memory"]:
                     slots = model.memories.embedding
-                    base = torch.cat([base.unsqueeze(0), slots[f"{name}.weight"]])
+                    bases = torch.cat([base.unsqueeze(0), slots[f"{name}.weight"]])
                     coef = torch.cat([attention.new_ones(n_users, 1), -cfg["tao"] * attention], 1)
                     bias = torch.addmm(bias, -cfg["tao"] * attention, slots[f"{name}.bias"])
                 if f"{name}.weight" == MEM_WEIGHT and cfg["task_memory"]:
-                    base, coef = model.memories.task, attention
-                rows_per_step = 1 if prefix == "user" else cfg["batch_size"]
-                linear = LowRankLinear(base, bias, rows_per_step * n_steps, coef)
+                    bases, coef = model.memories.task, attention
+                if j == 0 and prefix == "user":
+                    linear = FixedInputLinear(profiles, 1, base if coef is None else bases,
+                                              bias.expand(n_users, -1), coef)
+                elif j == 0 and prefix == "item":
+                    linear = FixedInputLinear(item_profiles, support_size, base, bias.expand(n_users, -1))
+                elif coef is not None:
+                    linear = DenseLinear(bases, coef, bias.expand(n_users, -1), self.storage(name, n_users, bases))
+                else:
+                    rows_per_step = 1 if prefix == "user" else cfg["batch_size"]
+                    linear = LowRankLinear(base, bias, n_users, rows_per_step * n_steps)
                 layers[prefix].append(Layer(name, linear, activated))
         return layers
 
-    def forward(self, layers, profiles, item_profiles, user_base_out, item_base_out):
-        """Outputs of every user's current theta -> (outputs [B, n, n_y], tape {stack: [TapeEntry]}).
+    def forward(self, layers, profiles, item_profiles, rows):
+        """Outputs of every user's current theta on item rows `rows` (a slice)
+        -> (outputs [B, n, n_y], tape {stack: [TapeEntry]}).
 
-        profiles [B, D_u], item_profiles [B, n, D_i]; user_base_out [B, 1, out], item_base_out
-        [B, n, out]: the first user and item layers' base outputs for these inputs, which the local
-        update does not change.
+        profiles [B, 1, D_u], item_profiles [B, N, D_i]: the inputs the first layers were built with.
         """
         activation = self.config["activation"]
         tape = {}
 
-        def run(prefix, h, first_base_out=None):
+        def run(prefix, h, first_rows, z):
+            """Run one stack from its input h and its first layer's outputs z -> its output."""
             tape[prefix] = []
             for depth, layer in enumerate(layers[prefix]):
-                z = layer.linear.forward(h, first_base_out if depth == 0 else None)
-                tape[prefix].append(TapeEntry(layer, h, z))
+                if depth > 0:
+                    z = layer.linear.forward(h)
+                tape[prefix].append(TapeEntry(layer, h, first_rows if depth == 0 else None, z))
                 h = activate(z, activation) if layer.activated else z
             return h
 
-        e_u = run("user", profiles.unsqueeze(1), user_base_out)
-        e_i = run("item", item_profiles, item_base_out)
+        e_u = run("user", profiles, USER_ROWS, layers["user"][0].linear.forward(USER_ROWS))
+        e_i = run("item", item_profiles[:, rows], rows, layers["item"][0].linear.forward(rows))
         # x = [e_u; e_i] repeats e_u on every row: its product with the first rec layer is taken once.
-        first_rec = layers["rec"][0].linear
-        rec_base_out = first_rec.base_forward(e_u, self.user_columns) + first_rec.base_forward(e_i, self.item_columns)
-        return run("rec", torch.cat([e_u.expand(-1, e_i.shape[1], -1), e_i], -1), rec_base_out), tape
+        x = torch.cat([e_u.expand(-1, e_i.shape[1], -1), e_i], -1)
+        return run("rec", x, None, layers["rec"][0].linear.forward_pair(e_u, e_i, x)), tape
 
     def backward(self, tape, out_grad, profile_grads=True):
         """Backpropagate d loss / d outputs [B, n, n_y] through the tape.
@@ -429,8 +480,8 @@ class BatchedEngine:
             """Backpropagate g through one stack -> d loss / d pre-activation of its first layer."""
             for depth, entry in reversed(list(enumerate(tape[prefix]))):
                 if entry.layer.activated:
-                    g = g * activation_slope(entry.pre_activation, activation)
-                grads.append(LayerGrad(entry.layer, entry.input, g))
+                    g = activation_grad(g, entry.pre_activation, activation)
+                grads.append(LayerGrad(entry.layer, entry.input, entry.rows, g))
                 if depth > 0:
                     g = entry.layer.linear.input_grad(g)
             return g
@@ -445,29 +496,35 @@ class BatchedEngine:
         return (grads, tape["user"][0].layer.linear.input_grad(user_grad).squeeze(1),
                 tape["item"][0].layer.linear.input_grad(item_grad))
 
-    def adapt(self, layers, profiles, item_profiles, user_base_out, item_base_out, targets):
-        """Local update on the support rows of item_profiles / item_base_out / targets, in place on `layers`."""
+    def adapt(self, layers, profiles, item_profiles, targets, support_size):
+        """Local update on the first support_size rows of item_profiles / targets, in place on `layers`."""
         cfg, model = self.config, self.model
-        for rows in support_batches(item_profiles.shape[1], cfg["batch_size"], cfg["n_inner_loop"]):
-            outputs, tape = self.forward(layers, profiles, item_profiles[:, rows], user_base_out,
-                                         item_base_out[:, rows])
+        for rows in support_batches(support_size, cfg["batch_size"], cfg["n_inner_loop"]):
+            outputs, tape = self.forward(layers, profiles, item_profiles, rows)
             grads, _, _ = self.backward(tape, model.output_grad(outputs, targets[:, rows]), profile_grads=False)
-            sq_norm = sum(grad_sq_norm(g.input, g.out_grad) for g in grads)
-            step_scale = -cfg["rho"] * clip_scale(sq_norm, cfg["grad_clip"])
+            if cfg["grad_clip"] is None:
+                step_scale = profiles.new_full(profiles.shape[:1], -cfg["rho"])
+            else:
+                step_scale = -cfg["rho"] * clip_scale(self.grad_sq_norm(grads), cfg["grad_clip"])
             for g in grads:
-                g.layer.linear.step(g.input, g.out_grad, step_scale)
+                g.layer.linear.step(g.step_input, g.out_grad, step_scale)
+
+    @staticmethod
+    def grad_sq_norm(grads):
+        """Squared norm of each user's gradient over all of theta: [LayerGrad] -> [B]."""
+        total = grads[0].out_grad.new_zeros(grads[0].out_grad.shape[0])
+        for g in grads:
+            total = g.layer.linear.add_grad_sq_norm(total, g.step_input, g.out_grad)
+        return total
 
     def adapted_query(self, batch, profiles, item_profiles, attention):
         """Adapt every user on its support rows, then run its query rows -> (layers, outputs, tape)."""
         support = batch.support_size
         targets = self.model.targets(batch.ratings)
-        layers = self.initial_layers(attention, profiles.shape[0], support)
-        user_base_out = layers["user"][0].linear.base_forward(profiles.unsqueeze(1))
-        item_base_out = layers["item"][0].linear.base_forward(item_profiles)  # phi_i is shared: once for all rows
-        self.adapt(layers, profiles, item_profiles[:, :support], user_base_out, item_base_out[:, :support],
-                   targets[:, :support])
-        outputs, tape = self.forward(layers, profiles, item_profiles[:, support:], user_base_out,
-                                     item_base_out[:, support:])
+        profiles = profiles.unsqueeze(1)
+        layers = self.initial_layers(profiles, item_profiles, attention, support)
+        self.adapt(layers, profiles, item_profiles, targets, support)
+        outputs, tape = self.forward(layers, profiles, item_profiles, slice(support, item_profiles.shape[1]))
         return layers, outputs, tape
 
     def meta_gradients(self, batch, profiles, item_profiles, attention):
@@ -482,7 +539,7 @@ class BatchedEngine:
         query_targets = model.targets(batch.ratings[:, support:])
         grads, profile_grad, item_grad = self.backward(tape, model.output_grad(outputs, query_targets))
         if cfg["clip_query_grad"] is not None:
-            scale = clip_scale(sum(grad_sq_norm(g.input, g.out_grad) for g in grads), cfg["clip_query_grad"])
+            scale = clip_scale(self.grad_sq_norm(grads), cfg["clip_query_grad"])
             grads = [g._replace(out_grad=g.out_grad * scale.view(-1, 1, 1)) for g in grads]
             profile_grad, item_grad = profile_grad * scale.view(-1, 1), item_grad * scale.view(-1, 1, 1)
         phi_grads, user_grads = {}, {}
@@ -511,16 +568,35 @@ class BatchedEngine:
         return self.adapted_query(batch, profiles, item_profiles, attention)[1]
 
 
-def make_engine(model, name="auto"):
-    """The engine called `name`: 'batched' | 'reference' | 'auto' (batched for plain gradient descent, first order)."""
+def make_engine(model, name="auto", compile=None):
+    """The engine called `name`: 'batched' | 'reference' | 'auto' (batched for plain gradient
+    descent, first order), run as `compile` says (None: the model's config['compile'];
+    see `resolve_compile`)."""
+    cfg = model.config
     if name == "auto":
-        cfg = model.config
         name = "batched" if cfg["local_optimizer"] == "sgd" and cfg["first_order"] else "reference"
-    if name == "batched":
-        return BatchedEngine(model)
+    if name not in ("batched", "reference"):
+        raise ValueError(f"engine must be 'auto', 'batched' or 'reference', got {name!r}")
+    device = next(model.parameters()).device
+    compile = resolve_compile(cfg["compile"] if compile is None else compile, name, device)
     if name == "reference":
         return ReferenceEngine(model)
-    raise ValueError(f"engine must be 'auto', 'batched' or 'reference', got {name!r}")
+    engine = BatchedEngine(model)
+    return GraphedEngine(engine) if compile == "cuda-graphs" else engine
+
+
+def resolve_compile(compile, engine_name, device):
+    """What `compile` means for an engine on a device: 'none' (plain eager calls) or
+    'cuda-graphs' (each batch shape's work captured once as a CUDA graph, then replayed: batched
+    engine on CUDA only). 'auto' is the fastest exact one: cuda-graphs for the batched engine on
+    CUDA, else none. (On CPU, torch.compile was measured no faster than eager: bench/inductor_cpu.py.)"""
+    check_compile(compile)
+    if compile == "auto":
+        return "cuda-graphs" if engine_name == "batched" and device.type == "cuda" else "none"
+    if compile == "cuda-graphs" and (engine_name != "batched" or device.type != "cuda"):
+        raise ValueError(f"compile='cuda-graphs' needs the batched engine on a CUDA device, got the {engine_name} "
+                         f"engine on {device}; use compile='auto' or 'none'")
+    return compile
 
 
 def meta_train_step(model, engine, batch, optimizer):
@@ -546,7 +622,7 @@ def meta_train_step(model, engine, batch, optimizer):
         cfg = model.config
         model.memories.write(attention, profiles_graph, meta.user_grads, meta.mem_weights, meta.mem_updates,
                              cfg["alpha"], cfg["beta"], cfg["gamma"])
-    return meta.query_loss.detach()
+    return meta.query_loss.detach().clone()  # a CUDA graph's output is overwritten at the next step
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """User and item embedding networks (theta_u, theta_i): stacks of Linear layers, each followed
 by the activation."""
+import torch
 from torch import nn
 import torch.nn.functional as F
 
@@ -15,10 +16,12 @@ def activate(x, activation):
     raise ValueError(f"activation must be 'leaky_relu' or 'relu', got {activation!r}")
 
 
-def activation_slope(x, activation):
-    """Derivative of `activate` at the pre-activation x, elementwise."""
-    negative_slope = LEAKY_SLOPE if activation == "leaky_relu" else 0.0
-    return (x > 0).to(x.dtype) * (1.0 - negative_slope) + negative_slope
+def activation_grad(grad, x, activation):
+    """Backpropagate grad through `activate` at the pre-activation x: grad times its slope there
+    (1 above zero, the negative slope at and below zero), in one fused operation."""
+    if activation == "leaky_relu":
+        return torch.ops.aten.leaky_relu_backward(grad, x, LEAKY_SLOPE, False)
+    return torch.ops.aten.threshold_backward(grad, x, 0.0)
 
 
 class LinearStack(nn.Module):

@@ -1,12 +1,58 @@
-"""Linear layers of B users kept as a shared base plus the low-rank history of their local updates.
+"""Linear layers of B users during a local update by plain gradient descent, in three forms.
 
-With plain gradient descent a local step changes a linear layer's weight by -rho * kappa * dz^T x,
-of rank at most the step's m rows. The batched engine keeps each user's layer as its initial
-weight (shared, or an attention mixture of shared matrices) plus these factors: no per-user weight
-matrix is ever formed, and the attention-weighted sums the memory writes need come from the
-factors too. Shapes: B users, m or n rows, `out` x `in` weights, K attention weights per user.
+A local step changes a linear layer's weight by step_scale * dz^T x (dz: the gradient at the
+layer's outputs, x: its inputs, m rows) and its bias by step_scale * (the sum of dz's rows), a
+change of rank at most m. Each form keeps what is cheapest for its layer:
+- `LowRankLinear`: a weight shared by all users plus the factors (x, step_scale * dz) of every
+  step; no per-user matrix is formed. For layers that start at phi.
+- `FixedInputLinear`: a layer whose inputs do not change during the update (the first layer of an
+  embedding network reads the profiles): the products of the inputs with each other (a Gram
+  matrix) and the initial outputs are computed once, and the steps' factors are summed per input
+  row, so a step costs one small product whatever the number of steps.
+- `DenseLinear`: one weight per user, changed in place. For layers that start at a per-user
+  mixture of shared matrices (the memories' reads): the mixture is formed once, and the memory
+  writes need the adapted weights, which are then at hand.
+The bias changes are never stored apart: a bias update is the weight update of an input column
+that is always 1, so the products with the inputs add 1 (`ones_gram`).
+Shapes: B users, m or n rows, `out` x `in` weights, J mixture matrices, K attention weights.
 """
 import torch
+
+
+def ones_gram(one, x, y):
+    """x y^T + 1: products of the rows of x [B, m, in] and y [B, r, in], each with a 1 appended -> [B, m, r].
+
+    one: a 0-dimensional tensor holding 1, made once per layer (not one per call).
+    """
+    return torch.baddbmm(one, x, y.transpose(1, 2))
+
+
+def add_grad_sq_norm(total, gram, out_grad):
+    """total + the squared norm of one layer's per-user gradient (weight and bias): [B].
+
+    The weight gradient is out_grad_b^T x_b; gram = x x^T + 1 [B, m, m] and out_grad [B, m, out]:
+    ||out_grad^T x||^2 + ||sum of out_grad's rows||^2 = sum((x x^T + 1) * (out_grad out_grad^T)).
+    """
+    n_users = out_grad.shape[0]
+    out_gram = torch.bmm(out_grad, out_grad.transpose(1, 2))
+    return torch.baddbmm(total.view(n_users, 1, 1), gram.reshape(n_users, 1, -1),
+                         out_gram.view(n_users, -1, 1)).view(n_users)
+
+
+def mixture_forward(x, bases, coef):
+    """x [B, n, in] times the per-user mixtures sum_j coef[b, j] bases[j] ([J, out, in], coef [B, J])
+    -> [B, n, out]: one product with the J stacked matrices, no per-user matrix."""
+    n_users, n, width = x.shape
+    n_bases, n_out = bases.shape[:2]
+    per_base = (x.reshape(n_users * n, width) @ bases.reshape(-1, width).t()).view(n_users, n, n_bases, n_out)
+    return (per_base * coef.view(n_users, 1, n_bases, 1)).sum(2)
+
+
+def mixture_input_grad(out_grad, bases, coef):
+    """out_grad [B, n, out] times the per-user mixtures of `mixture_forward` -> [B, n, in]."""
+    n_users, n, _ = out_grad.shape
+    mixed = out_grad.unsqueeze(2) * coef.view(n_users, 1, -1, 1)
+    return (mixed.reshape(n_users * n, -1) @ bases.reshape(-1, bases.shape[-1])).view(n_users, n, -1)
 
 
 def outer_product_sum(weights, deltas, rows):
@@ -42,43 +88,44 @@ class OuterProducts:
 
 
 class LowRankLinear:
-    """One linear layer of B users: W_b = base_b + sum_s D_s[b]^T X_s[b], with a dense bias_b.
+    """One linear layer of B users: W_b = base + sum_s D_s[b]^T X_s[b], bias_b = bias + sum_s (D_s[b]'s rows).
 
-    base [out, in] is shared by all users (phi), or with coef [B, J] base_b is the mixture
-    sum_j coef[b, j] * base[j] of J shared matrices base [J, out, in], applied as one GEMM against
-    the J stacked matrices and never formed per user (B per-user matrices would be read from
-    memory at every step; the J shared ones stay in cache). bias [B, out]. Each local step appends
-    its input rows X_s [B, m, in] and scaled output gradients D_s [B, m, out] to buffers of
-    `capacity` rows: the update -rho * kappa * dz^T x is never materialised either.
+    base [out, in] and bias [out] are shared by all users. Each local step appends its input rows
+    X_s [B, m, in] and scaled output gradients D_s [B, m, out] to buffers of `capacity` rows.
     """
 
-    def __init__(self, base, bias, capacity, coef=None):
-        self.base, self.bias, self.coef = base, bias, coef
-        n_users, (n_out, n_in) = bias.shape[0], base.shape[-2:]
-        self.row_buffer = bias.new_empty(n_users, capacity, n_in)
-        self.delta_buffer = bias.new_empty(n_users, capacity, n_out)
+    def __init__(self, base, bias, n_users, capacity):
+        self.base, self.bias, self.one = base, bias, base.new_ones(())
+        n_out, n_in = base.shape
+        self.row_buffer = base.new_empty(n_users, capacity, n_in)
+        self.delta_buffer = base.new_empty(n_users, capacity, n_out)
         self.rows = self.deltas = None
 
-    def base_forward(self, x, columns=slice(None)):
-        """Product of the input with the base weight, on the base's `columns` only.
+    def base_forward(self, x, columns=slice(None), bias=True):
+        """Product of the input with the shared weight's `columns` (plus the shared bias if `bias`).
 
-        x [B, n, w] (w = the width of `columns`) -> x base_b[:, columns]^T: [B, n, out]. A column
-        slice of the base is a strided view: no copy.
+        x [B, n, w] (w = the width of `columns`) -> [B, n, out]. A column slice is a view: no copy.
         """
         n_users, n, width = x.shape
-        base = self.base[..., columns]
-        if self.coef is not None:
-            n_bases, n_out = base.shape[:2]
-            per_base = (x.reshape(n_users * n, width) @ base.reshape(-1, width).t()).view(n_users, n, n_bases, n_out)
-            return (per_base * self.coef.view(n_users, 1, n_bases, 1)).sum(2)
-        return (x.reshape(n_users * n, width) @ base.t()).view(n_users, n, -1)
+        base = self.base[:, columns]
+        flat = x.reshape(n_users * n, width)
+        out = torch.addmm(self.bias, flat, base.t()) if bias else flat @ base.t()
+        return out.view(n_users, n, -1)
 
     def forward(self, x, base_out=None):
-        """The layer's outputs: x [B, n, in] -> x W_b^T + bias_b [B, n, out]; base_out: base_forward(x), if known."""
+        """The layer's outputs: x [B, n, in] -> x W_b^T + bias_b [B, n, out]; base_out: base_forward(x),
+        if known (a fresh tensor: it is added to in place)."""
         out = self.base_forward(x) if base_out is None else base_out
-        if self.rows is not None:
-            out = out + torch.bmm(torch.bmm(x, self.rows.transpose(1, 2)), self.deltas)
-        return out + self.bias.unsqueeze(1)
+        if self.rows is None:
+            return out
+        return out.baddbmm_(ones_gram(self.one, x, self.rows), self.deltas)
+
+    def forward_pair(self, shared, rows, x):
+        """Outputs for the input rows [shared; rows_r]: shared [B, 1, a] is the same for every row,
+        rows [B, n, b], x [B, n, a + b] their concatenation -> [B, n, out]."""
+        split = shared.shape[-1]
+        shared_out = self.base_forward(shared, slice(0, split), bias=False)
+        return self.forward(x, self.base_forward(rows, slice(split, None)) + shared_out)
 
     def input_grad(self, out_grad, columns=slice(None)):
         """Gradient of sum(out_grad * forward(x)) with respect to x[..., columns].
@@ -86,15 +133,14 @@ class LowRankLinear:
         out_grad [B, n, out] -> [B, n, w] (w = the width of `columns`).
         """
         n_users, n, n_out = out_grad.shape
-        base = self.base[..., columns]
-        if self.coef is not None:
-            mixed = out_grad.unsqueeze(2) * self.coef.view(n_users, 1, -1, 1)
-            grad_in = (mixed.reshape(n_users * n, -1) @ base.reshape(-1, base.shape[-1])).view(n_users, n, -1)
-        else:
-            grad_in = (out_grad.reshape(n_users * n, n_out) @ base).view(n_users, n, -1)
-        if self.rows is not None:
-            grad_in = grad_in + torch.bmm(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows[..., columns])
-        return grad_in
+        grad_in = (out_grad.reshape(n_users * n, n_out) @ self.base[:, columns]).view(n_users, n, -1)
+        if self.rows is None:
+            return grad_in
+        return grad_in.baddbmm_(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows[..., columns])
+
+    def add_grad_sq_norm(self, total, x, out_grad):
+        """total [B] + the squared norm of the gradient out_grad^T x (and its bias part) [B]."""
+        return add_grad_sq_norm(total, ones_gram(self.one, x, x), out_grad)
 
     def step(self, x, out_grad, step_scale):
         """One local step theta <- theta + step_scale * grad, in place.
@@ -105,30 +151,114 @@ class LowRankLinear:
         start = 0 if self.rows is None else self.rows.shape[1]
         end = start + x.shape[1]
         self.row_buffer[:, start:end] = x
-        torch.mul(out_grad, step_scale.view(-1, 1, 1), out=self.delta_buffer[:, start:end])
+        self.delta_buffer[:, start:end] = out_grad * step_scale.view(-1, 1, 1)
         self.rows, self.deltas = self.row_buffer[:, :end], self.delta_buffer[:, :end]
-        self.bias = self.bias + step_scale.view(-1, 1) * out_grad.sum(1)
 
-    def update(self):
-        """The weight change of the local steps so far (at least one), W_b - base_b: OuterProducts [B, out, in]."""
-        return OuterProducts(self.deltas, self.rows)
+
+class FixedInputLinear:
+    """One linear layer of B users whose N input rows never change during the local update.
+
+    inputs [B, N, in]: every row the layer will see; the local steps read the first S of them
+    (`n_slots`), the query any. base: a shared weight [out, in], or with coef [B, J] the per-user mixtures
+    sum_j coef[b, j] base[j] of J matrices base [J, out, in]; bias [B, out]. A step on rows r adds
+    its scaled output gradients to deltas[:, r] [B, S, out], so that W_b = base_b + deltas_b^T
+    inputs_b[:S] and bias_b = bias + (the sum of deltas_b's rows).
+    """
+
+    def __init__(self, inputs, n_slots, base, bias, coef=None):
+        self.inputs, self.base, self.coef = inputs, base, coef
+        n_users, n, n_in = inputs.shape
+        if coef is None:
+            initial = inputs.reshape(n_users * n, n_in) @ base.t()
+            self.initial_out = initial.view(n_users, n, -1) + bias.unsqueeze(1)
+        else:
+            self.initial_out = mixture_forward(inputs, base, coef) + bias.unsqueeze(1)
+        self.slot_inputs = inputs[:, :n_slots]
+        self.gram = ones_gram(inputs.new_ones(()), inputs, inputs)  # [B, N, N]
+        self.deltas = inputs.new_zeros(n_users, n_slots, self.initial_out.shape[-1])
+
+    def forward(self, rows):
+        """The layer's outputs for input rows `rows` (a slice) -> [B, n, out]."""
+        return torch.baddbmm(self.initial_out[:, rows], self.gram[:, rows, :self.deltas.shape[1]], self.deltas)
+
+    def input_grad(self, out_grad):
+        """Gradient of sum(out_grad * outputs) with respect to the inputs: out_grad [B, n, out] -> [B, n, in]."""
+        if self.coef is None:
+            n_users, n, n_out = out_grad.shape
+            grad_in = (out_grad.reshape(n_users * n, n_out) @ self.base).view(n_users, n, -1)
+        else:
+            grad_in = mixture_input_grad(out_grad, self.base, self.coef)
+        return grad_in.baddbmm_(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.slot_inputs)
+
+    def add_grad_sq_norm(self, total, rows, out_grad):
+        """total [B] + the squared norm of the gradient at input rows `rows` (a slice) [B]."""
+        return add_grad_sq_norm(total, self.gram[:, rows, rows], out_grad)
+
+    def step(self, rows, out_grad, step_scale):
+        """One local step on input rows `rows` (a slice within the first S), in place; out_grad
+        [B, m, out], step_scale [B]."""
+        self.deltas[:, rows].addcmul_(out_grad, step_scale.view(-1, 1, 1))
+
+
+class DenseLinear:
+    """One linear layer of B users with a weight per user, started at per-user mixtures.
+
+    bases [J, out, in], coef [B, J]: W_b = sum_j coef[b, j] bases[j], changed in place by each
+    step; bias [B, out]. storage: a tensor of B * out * in elements to hold the weights (reused
+    from call to call, a fresh one of several MB costs its page faults every time), or None.
+    """
+
+    def __init__(self, bases, coef, bias, storage=None):
+        self.bases, self.coef = bases, coef
+        n_users = coef.shape[0]
+        mixed = torch.mm(coef, bases.flatten(1), out=storage.view(n_users, -1)) if storage is not None else \
+            coef @ bases.flatten(1)
+        self.weight = mixed.view(n_users, *bases.shape[1:])
+        self.bias, self.one = bias.clone(), bases.new_ones(())
+
+    def forward(self, x):
+        """x [B, n, in] -> x W_b^T + bias_b [B, n, out]."""
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+    def forward_pair(self, shared, rows, x):
+        """Outputs for the input rows [shared; rows_r]: shared [B, 1, a] is the same for every row,
+        rows [B, n, b] (x, their concatenation, is not needed) -> [B, n, out]."""
+        split = shared.shape[-1]
+        shared_out = torch.baddbmm(self.bias.unsqueeze(1), shared, self.weight[..., :split].transpose(1, 2))
+        return torch.baddbmm(shared_out, rows, self.weight[..., split:].transpose(1, 2))
+
+    def input_grad(self, out_grad, columns=slice(None)):
+        """Gradient of sum(out_grad * forward(x)) with respect to x[..., columns]: [B, n, out] -> [B, n, w]."""
+        return torch.bmm(out_grad, self.weight[..., columns])
+
+    def add_grad_sq_norm(self, total, x, out_grad):
+        """total [B] + the squared norm of the gradient out_grad^T x (and its bias part) [B]."""
+        return add_grad_sq_norm(total, ones_gram(self.one, x, x), out_grad)
+
+    def step(self, x, out_grad, step_scale):
+        """One local step W_b += step_scale_b out_grad_b^T x_b, bias_b += step_scale_b (the sum of
+        out_grad_b's rows), in place; x [B, m, in], out_grad [B, m, out], step_scale [B]."""
+        scaled = out_grad * step_scale.view(-1, 1, 1)
+        self.weight.baddbmm_(scaled.transpose(1, 2), x)
+        self.bias.add_(scaled.sum(1))
 
     def weighted_sum(self, weights):
-        """Attention-weighted sum over users, from the factors.
+        """Attention-weighted sum over users of the current weights: weights [B, K] -> [K, out, in]."""
+        return (weights.t() @ self.weight.flatten(1)).view(-1, *self.weight.shape[1:])
 
-        weights [B, K] -> sum_b weights[b, k] * W_b [K, out, in].
-        """
-        if self.coef is not None:
-            total = ((weights.t() @ self.coef) @ self.base.flatten(1)).view(-1, *self.base.shape[1:])
-        else:
-            total = weights.sum(0).view(-1, 1, 1) * self.base
-        return total if self.rows is None else total + self.update().weighted_sum(weights)
+    def update(self):
+        """The weight change of the local steps, W_b minus its starting mixture (PerUserValues)."""
+        return WeightChange(self)
 
 
-def grad_sq_norm(x, out_grad):
-    """Squared norm of one linear layer's per-user gradient, from m x m Gram matrices.
+class WeightChange:
+    """A DenseLinear's weight change W_b - sum_j coef[b, j] bases[j], never formed per user."""
 
-    x [B, m, in], out_grad [B, m, out] -> ||out_grad_b^T x_b||_F^2 + ||sum of out_grad_b's rows||^2: [B].
-    """
-    gram = torch.bmm(x, x.transpose(1, 2)) * torch.bmm(out_grad, out_grad.transpose(1, 2))
-    return gram.sum((1, 2)) + out_grad.sum(1).pow(2).sum(1)
+    def __init__(self, layer):
+        self.layer = layer
+
+    def weighted_sum(self, weights):
+        """Attention-weighted sum over users: weights [B, K] -> [K, out, in]."""
+        layer = self.layer
+        start = ((weights.t() @ layer.coef) @ layer.bases.flatten(1)).view(-1, *layer.bases.shape[1:])
+        return layer.weighted_sum(weights) - start

@@ -105,20 +105,20 @@ class Memories(nn.Module):
 
     @torch.no_grad()
     def write(self, attention, profiles, user_grads, task_weights, task_updates, alpha, beta, gamma):
-        """Training-only writes of B users, in user order (see the module docstring).
+        """Training-only writes of B users, in user order (see the module docstring), in place:
+        the buffers keep their storage (a captured CUDA graph reads them there).
 
         attention [B, K] and profiles [B, D_u] as read at the batch start; user_grads {theta_u
         name: g_u}, task_weights W'_u (the adapted mem_layer weights) and task_updates W'_u - W_u
         are PerUserValues; the task values may be None without the task memory.
         """
         attention = attention.detach()
-        self.profile = decayed_write(self.profile, alpha, attention, DenseUserValues(profiles))
-        for name in self.embedding_names:
-            setattr(self, buffer_name(name), decayed_write(getattr(self, buffer_name(name)), beta, attention,
-                                                           user_grads[name]))
+        self.profile.copy_(decayed_write(self.profile, alpha, attention, DenseUserValues(profiles)))
+        for name, slots in self.embedding.items():
+            slots.copy_(decayed_write(slots, beta, attention, user_grads[name]))
         if self.task is None:
             return
         if self.task_write == "increment":
-            self.task = self.task + gamma * task_updates.weighted_sum(attention)
+            self.task.copy_(self.task + gamma * task_updates.weighted_sum(attention))
         else:
-            self.task = decayed_write(self.task, gamma, attention, task_weights)
+            self.task.copy_(decayed_write(self.task, gamma, attention, task_weights))

@@ -67,6 +67,13 @@ def test_cuda_without_a_gpu_is_refused(synthetic_dir, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_graphs_without_a_gpu_are_refused(synthetic_dir, tmp_path, capsys):
+    refused(["--data-dir", str(synthetic_dir), "--run-dir", str(tmp_path / "run"), "--compile", "cuda-graphs"], capsys,
+            "compile='cuda-graphs' needs the batched engine on a CUDA device")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_run_dir_is_refused(synthetic_dir, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     refused(["--data-dir", str(synthetic_dir), "--run-dir", str(tmp_path / "a_file" / "run")], capsys,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import MAMO, MEM_WEIGHT, make_engine, meta_train_step, predict_query, support_batches
-from modules.low_rank import LowRankLinear, OuterProducts, outer_product_sum
+from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts, outer_product_sum
 from tests.conftest import TINY_FEATURES, random_batch, small_config
 
 
@@ -256,44 +256,88 @@ def test_outer_product_sum_equals_a_loop_over_users_and_rows(rank, n_slots):
     assert torch.allclose(outer_product_sum(weights, deltas, rows), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["shared", "mixture"])
-def test_low_rank_layer_weighted_sum_equals_sum_of_dense_weights(kind):
-    """The memory write's factored sum equals the sum over the users' dense adapted weights."""
-    gen = torch.Generator().manual_seed(3)
-    n_users, n_out, n_in, n_slots = 4, 3, 5, 2
-    bias = torch.randn(n_users, n_out, generator=gen, dtype=torch.float64)
-    if kind == "shared":
-        base, coef = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64), None
-        dense = base.expand(n_users, n_out, n_in)
-    else:
-        base = torch.randn(n_slots, n_out, n_in, generator=gen, dtype=torch.float64)
-        coef = torch.softmax(torch.randn(n_users, n_slots, generator=gen, dtype=torch.float64), -1)
+LAYER_FORMS = ["low_rank", "fixed_input", "fixed_input_mixture", "dense"]
+
+
+def layer_and_dense_weights(form, gen, n_users=4, n_out=3, n_in=5, n_rows=5, n_slots=4, n_bases=2):
+    """A layer of `form` and its users' dense weights [B, out, in] and biases [B, out] (float64);
+    the fixed-input forms get their n_rows inputs [B, n_rows, in], the first n_slots for steps."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    inputs = randn(n_users, n_rows, n_in)
+    if form in ("fixed_input_mixture", "dense"):
+        base = randn(n_bases, n_out, n_in)
+        coef = torch.softmax(randn(n_users, n_bases), -1)
         dense = torch.einsum("bj,joi->boi", coef, base)
-    layer = LowRankLinear(base, bias, capacity=4, coef=coef)
-    for _ in range(2):  # two local steps of two rows each
-        x = torch.randn(n_users, 2, n_in, generator=gen, dtype=torch.float64)
+    else:
+        base, coef = randn(n_out, n_in), None
+        dense = base.expand(n_users, n_out, n_in)
+    if form == "low_rank":
+        shared_bias = randn(n_out)
+        return LowRankLinear(base, shared_bias, n_users, capacity=6), dense, shared_bias.expand(n_users, -1), inputs
+    bias = randn(n_users, n_out)
+    if form == "dense":
+        return DenseLinear(base, coef, bias), dense, bias, inputs
+    return FixedInputLinear(inputs, n_slots, base, bias, coef), dense, bias, inputs
+
+
+@pytest.mark.parametrize("form", LAYER_FORMS)
+def test_layer_forms_equal_dense_per_user_weights_through_local_steps(form):
+    """Each form's outputs, input gradients and gradient norms equal those of the users' dense
+    weights W_b, bias_b, after each of three local steps W_b += s_b dz_b^T x_b, bias_b += s_b sum(dz_b)
+    (the third step on the first step's rows, as the second pass over a support set)."""
+    gen = torch.Generator().manual_seed(3)
+    layer, dense, bias, inputs = layer_and_dense_weights(form, gen)
+    n_users, n_out = bias.shape
+    fixed = form.startswith("fixed_input")
+
+    def outputs(x):
+        return torch.einsum("bni,boi->bno", x, dense) + bias.unsqueeze(1)
+
+    for rows in (slice(0, 2), slice(2, 4), slice(0, 2)):
+        x = inputs[:, rows]
+        for check_rows in (rows, slice(4, 5)):  # a step's rows, and a row no step reads (a query row)
+            got = layer.forward(check_rows) if fixed else layer.forward(inputs[:, check_rows])
+            assert torch.allclose(got, outputs(inputs[:, check_rows]), atol=1e-12)
         out_grad = torch.randn(n_users, 2, n_out, generator=gen, dtype=torch.float64)
+        assert torch.allclose(layer.input_grad(out_grad), torch.einsum("bno,boi->bni", out_grad, dense), atol=1e-12)
+        grad_sq = (torch.einsum("bno,bni->boi", out_grad, x).pow(2).sum((1, 2)) + out_grad.sum(1).pow(2).sum(1))
+        total = torch.full((n_users,), 0.5, dtype=torch.float64)
+        assert torch.allclose(layer.add_grad_sq_norm(total, rows if fixed else x, out_grad), 0.5 + grad_sq, atol=1e-12)
         step_scale = -0.1 * torch.rand(n_users, generator=gen, dtype=torch.float64)
-        assert torch.allclose(layer.forward(x), torch.einsum("bni,boi->bno", x, dense) + bias.unsqueeze(1))
-        assert torch.allclose(layer.input_grad(out_grad), torch.einsum("bno,boi->bni", out_grad, dense))
-        # column blocks of the input (the engine feeds [e_u; e_i] this way)
-        split_base = layer.base_forward(x[..., :2], slice(0, 2)) + layer.base_forward(x[..., 2:], slice(2, None))
-        assert torch.allclose(layer.forward(x, split_base), layer.forward(x))
-        assert torch.allclose(layer.input_grad(out_grad, slice(2, None)),
-                              torch.einsum("bno,boi->bni", out_grad, dense[..., 2:]))
-        layer.step(x, out_grad, step_scale)
+        layer.step(rows if fixed else x, out_grad, step_scale)
         dense = dense + step_scale.view(-1, 1, 1) * torch.einsum("bno,bni->boi", out_grad, x)
         bias = bias + step_scale.view(-1, 1) * out_grad.sum(1)
-    weights = torch.rand(n_users, 3, generator=gen, dtype=torch.float64)
-    assert torch.allclose(layer.weighted_sum(weights), torch.einsum("bk,boi->koi", weights, dense), atol=1e-12)
-    assert torch.allclose(layer.bias, bias)
+    if not fixed:
+        # inputs [shared; rows_r] with a shared first part (the rating model's [e_u; e_i]), and column blocks
+        shared, rows = inputs[:, :1, :2], inputs[:, 1:, 2:]
+        x = torch.cat([shared.expand(-1, rows.shape[1], -1), rows], -1)
+        assert torch.allclose(layer.forward_pair(shared, rows, x), outputs(x), atol=1e-12)
+        out_grad = torch.randn(n_users, 3, n_out, generator=gen, dtype=torch.float64)
+        assert torch.allclose(layer.input_grad(out_grad, slice(2, None)),
+                              torch.einsum("bno,boi->bni", out_grad, dense[..., 2:]), atol=1e-12)
+
+
+def test_dense_layer_weighted_sums_of_weights_and_of_their_change():
+    """The memory writes' sums: of the adapted weights, and of the adapted minus the starting mixture."""
+    gen = torch.Generator().manual_seed(4)
+    layer, start, _, inputs = layer_and_dense_weights("dense", gen)
+    x, out_grad = inputs[:, :2], torch.randn(4, 2, 3, generator=gen, dtype=torch.float64)
+    step_scale = torch.tensor([-0.1, -0.2, 0.0, -0.3], dtype=torch.float64)
+    layer.step(x, out_grad, step_scale)
+    adapted = start + step_scale.view(-1, 1, 1) * torch.einsum("bno,bni->boi", out_grad, x)
+    weights = torch.rand(4, 3, generator=gen, dtype=torch.float64)
+    assert torch.allclose(layer.weighted_sum(weights), torch.einsum("bk,boi->koi", weights, adapted), atol=1e-12)
+    assert torch.allclose(layer.update().weighted_sum(weights), torch.einsum("bk,boi->koi", weights, adapted - start),
+                          atol=1e-12)
 
 
 @pytest.mark.parametrize("key, value", [
     ("attention_temperature", 0), ("attention_temperature", -1.0), ("attention_temperature", "1"),
     ("attention_temperature", float("inf")), ("task_memory_write", "sum"), ("task_memory_init", "zeros"),
     ("clip_query_grad", 0), ("clip_query_grad", -5.0), ("clip_query_grad", True), ("freeze_mem_layer", "yes"),
-    ("head", "ranking")])
+    ("head", "ranking"), ("compile", "fast")])
 def test_bad_option_values_raise_one_line_errors_naming_the_key(key, value):
     with pytest.raises(ValueError, match=f"^{key} must be") as error:
         build(small_config(**{key: value}))
