@@ -19,7 +19,7 @@ config_settings = {
     "gamma": 0.1,  # task-memory write rate
     "tao": 0.01,  # weight of the personalised bias term: theta_u = phi_u - tao * b_u
     "rho": 0.01,  # local (inner-loop) learning rate
-    "lambda": 0.005,  # global (meta) learning rate (released: 0.05 with plain SGD; see README fidelity table)
+    "lambda": 0.005,  # global (meta) learning rate (released: 0.05 with plain SGD; see docs/fidelity.md)
     "batch_size": 5,  # local-update mini-batch size (support ratings per step)
     "n_inner_loop": 3,  # local-update passes over the support set
     "n_epoch": 3,  # meta-training epochs

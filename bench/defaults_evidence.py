@@ -1,4 +1,4 @@
-"""Evidence behind the defaults that depart from the released code (README fidelity table).
+"""Evidence behind the defaults that depart from the released code (docs/fidelity.md).
 
     python bench/defaults_evidence.py --data-dir data/processed/movielens-100k [--seed 1] [--json FILE]
 
