@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import config_settings  # noqa: E402
 from mamoRec import MAMRec, load_data, reference_rows  # noqa: E402
+from utils import atomic_write_json, environment  # noqa: E402
 
 
 def overall(table):
@@ -60,10 +61,10 @@ def main(argv=None):
         trainer, losses = train(variant, manifest, train_tasks, test_tasks, args.run_dir)
         global_step[f"{optimizer} lambda={lr}"] = {**overall(trainer.evaluate()), "train_loss_per_epoch": losses}
     results["global_step"] = global_step
-    text = json.dumps(results, indent=2)
-    print(text)
+    results["environment"] = environment(torch.device("cpu"))
+    print(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        atomic_write_json(args.json, results)
 
 
 if __name__ == "__main__":
