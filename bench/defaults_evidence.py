@@ -1,6 +1,7 @@
 """Evidence behind the defaults that depart from the released code (docs/fidelity.md).
 
-    python bench/defaults_evidence.py --data-dir data/processed/movielens-100k [--seed 1] [--json FILE]
+    python bench/defaults_evidence.py --raw-dir RAW/ml-100k --data-dir data/processed/movielens-100k \
+        [--dataset movielens-100k] [--seed 1] [--json FILE]
 
 On one prepared dataset (default configuration otherwise, 3 epochs):
 1. point prediction: one trained model evaluated with `argmax` and `expected`, and without the
@@ -35,13 +36,15 @@ def train(cfg, manifest, train_tasks, test_tasks, run_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", required=True, help="a prepared dataset (data_prep output)")
+    parser.add_argument("--dataset", default="movielens-100k", help="the dataset --data-dir holds or will hold")
+    parser.add_argument("--data-dir", required=True, help="processed tasks folder (prepared first if missing)")
+    parser.add_argument("--raw-dir", help="raw data folder, to prepare --data-dir when it is missing")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--run-dir", default="runs/defaults-evidence", help="scratch folder")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     cfg = copy.deepcopy(config_settings)
-    cfg.update(data_dir=args.data_dir, seed=args.seed)
+    cfg.update(dataset=args.dataset, data_dir=args.data_dir, raw_dir=args.raw_dir, seed=args.seed)
     manifest, train_tasks, test_tasks = load_data(cfg)
     results = {"dataset": manifest["dataset"], "seed": args.seed,
                "support_mean": overall(reference_rows(train_tasks, test_tasks)["support_mean"])}
