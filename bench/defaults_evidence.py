@@ -43,6 +43,7 @@ def main(argv=None):
     parser.add_argument("--run-dir", default="runs/defaults-evidence", help="scratch folder")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    started_in = environment(torch.device("cpu"))  # the code that runs: later edits must not be recorded
     cfg = copy.deepcopy(config_settings)
     cfg.update(dataset=args.dataset, data_dir=args.data_dir, raw_dir=args.raw_dir, seed=args.seed)
     manifest, train_tasks, test_tasks = load_data(cfg)
@@ -64,7 +65,7 @@ def main(argv=None):
         trainer, losses = train(variant, manifest, train_tasks, test_tasks, args.run_dir)
         global_step[f"{optimizer} lambda={lr}"] = {**overall(trainer.evaluate()), "train_loss_per_epoch": losses}
     results["global_step"] = global_step
-    results["environment"] = environment(torch.device("cpu"))
+    results["environment"] = started_in
     print(json.dumps(results, indent=2))
     if args.json:
         atomic_write_json(args.json, results)
