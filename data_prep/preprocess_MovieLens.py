@@ -27,6 +27,8 @@ ML100K_GENRES = (
     "Thriller", "War", "Western",
 )
 RATING_RANGE = (1, 5)
+#: The user fields of both MovieLens releases (ML-100K's ages are bucketed as ML-1M's), with their kinds.
+USER_FIELDS = [("gender", "categorical"), ("age", "categorical"), ("occupation", "categorical")]
 _PARENTHETICAL_NOTE = re.compile(r"\s*\([^)]*\)")
 
 
@@ -105,7 +107,7 @@ def load_movielens_1m(raw_dir: Path) -> RawDataset:
         ratings=parse_ratings(rating_table, users),
         users=users,
         items=items,
-        user_fields=[("gender", "categorical"), ("age", "categorical"), ("occupation", "categorical")],
+        user_fields=USER_FIELDS,
         item_fields=[("rate", "categorical"), ("year", "categorical"), ("genre", "multi_hot"),
                      ("director", "multi_hot")],
         rating_range=RATING_RANGE,
@@ -150,7 +152,7 @@ def load_movielens_100k(raw_dir: Path) -> RawDataset:
         ratings=parse_ratings(rating_table, users),
         users=users,
         items=items,
-        user_fields=[("gender", "categorical"), ("age", "categorical"), ("occupation", "categorical")],
+        user_fields=USER_FIELDS,
         item_fields=[("year", "categorical"), ("genre", "multi_hot")],
         rating_range=RATING_RANGE,
         files=[raw_dir / name for name in ML100K_FILES],
