@@ -1,6 +1,7 @@
 """Evidence behind the defaults that depart from the released code (docs/fidelity.md).
 
-    python bench/defaults_evidence.py --data-dir data/processed/movielens-100k [--seed 1] [--json FILE]
+    python bench/defaults_evidence.py --raw-dir RAW/ml-100k --data-dir data/processed/movielens-100k \
+        [--dataset movielens-100k] [--seed 1] [--json FILE]
 
 On one prepared dataset (default configuration otherwise, 3 epochs):
 1. point prediction: one trained model evaluated with `argmax` and `expected`, and without the
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import config_settings  # noqa: E402
 from mamoRec import MAMRec, load_data, reference_rows  # noqa: E402
+from utils import atomic_write_json, environment  # noqa: E402
 
 
 def overall(table):
@@ -34,13 +36,16 @@ def train(cfg, manifest, train_tasks, test_tasks, run_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", required=True, help="a prepared dataset (data_prep output)")
+    parser.add_argument("--dataset", default="movielens-100k", help="the dataset --data-dir holds or will hold")
+    parser.add_argument("--data-dir", required=True, help="processed tasks folder (prepared first if missing)")
+    parser.add_argument("--raw-dir", help="raw data folder, to prepare --data-dir when it is missing")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--run-dir", default="runs/defaults-evidence", help="scratch folder")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    started_in = environment(torch.device("cpu"))  # the code that runs: later edits must not be recorded
     cfg = copy.deepcopy(config_settings)
-    cfg.update(data_dir=args.data_dir, seed=args.seed)
+    cfg.update(dataset=args.dataset, data_dir=args.data_dir, raw_dir=args.raw_dir, seed=args.seed)
     manifest, train_tasks, test_tasks = load_data(cfg)
     results = {"dataset": manifest["dataset"], "seed": args.seed,
                "support_mean": overall(reference_rows(train_tasks, test_tasks)["support_mean"])}
@@ -60,10 +65,10 @@ def main(argv=None):
         trainer, losses = train(variant, manifest, train_tasks, test_tasks, args.run_dir)
         global_step[f"{optimizer} lambda={lr}"] = {**overall(trainer.evaluate()), "train_loss_per_epoch": losses}
     results["global_step"] = global_step
-    text = json.dumps(results, indent=2)
-    print(text)
+    results["environment"] = started_in
+    print(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        atomic_write_json(args.json, results)
 
 
 if __name__ == "__main__":
