@@ -3,8 +3,8 @@
     python bench/batching_study.py --dataset movielens-100k --raw-dir /path/ml-100k --data-dir DIR \
         [--rules none sqrt linear sde] [--users-per-step 1 8 32 128] [--seeds 1 2 3] [--json FILE]
 
-Each run is `mamoRec.run` with the default configuration except `seed`, `users_per_step` and
-`meta_step_scaling` (the rule that sets the global step's settings from users_per_step, meta_step.py).
+Each run is `mamoRec.run` of MAMO alone (no ablation rows) with the default configuration except
+`seed`, `users_per_step` and `meta_step_scaling` (the rule that sets the global step's settings from users_per_step, meta_step.py).
 Results go to --json after every run; runs already in that file are skipped, so an interrupted
 study continues where it stopped. Runs one at a time. Prints a markdown table: mean ± sd over
 seeds of the overall MAE / RMSE / NDCG@3 and the median training time, per rule and step size.
@@ -26,7 +26,7 @@ from bench.seeds_table import METRICS, cell  # noqa: E402
 from configs import config_settings  # noqa: E402
 from mamoRec import run  # noqa: E402
 from modules.meta_step import SCALINGS, meta_step_settings  # noqa: E402
-from utils import atomic_write_json  # noqa: E402
+from utils import atomic_write_json, environment  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "batching_study_ml100k.json"
 
@@ -41,7 +41,7 @@ def overall(table):
 
 def one_run(base_cfg, rule, users_per_step, seed, scratch):
     """Train and evaluate one configuration; returns its record for the results file."""
-    cfg = dict(base_cfg, seed=seed, users_per_step=users_per_step, meta_step_scaling=rule,
+    cfg = dict(base_cfg, seed=seed, users_per_step=users_per_step, meta_step_scaling=rule, ablation=False,
                run_dir=str(scratch / rule / f"users_per_step={users_per_step}" / f"seed={seed}"))
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
@@ -50,8 +50,8 @@ def one_run(base_cfg, rule, users_per_step, seed, scratch):
         "rule": rule, "users_per_step": users_per_step, "seed": seed,
         "meta_step": meta_step_settings(cfg["meta_optimizer"], cfg["lambda"], users_per_step, rule),
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "train_seconds": round(metrics["train_seconds"], 2),
-        "train_loss_per_epoch": [round(row["train_loss"], 5) for row in metrics["epochs"]],
+        "train_seconds": round(metrics["train_seconds"]["mamo"], 2),
+        "train_loss_per_epoch": [round(row["train_loss"]["mamo"], 5) for row in metrics["epochs"]],
         **overall(metrics["results"]["mamo"]),
         "references": {name: overall(metrics["results"][name]) for name in ("train_mean", "support_mean")},
     }
@@ -109,7 +109,8 @@ def main(argv=None):
                 key = run_key(rule, users_per_step, seed)
                 if key in study["runs"]:
                     continue
-                study["runs"][key] = one_run(base_cfg, rule, users_per_step, seed, args.scratch)
+                study["runs"][key] = {**one_run(base_cfg, rule, users_per_step, seed, args.scratch),
+                                      "environment": environment(torch.device("cpu"))}  # what produced it
                 atomic_write_json(args.json, study)
                 print(f"{key}: {json.dumps(study['runs'][key])}", file=sys.stderr)
     print(table(list(study["runs"].values()), args.rules, args.users_per_step))
