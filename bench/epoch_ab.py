@@ -5,6 +5,8 @@ Each round trains every training user and evaluates every test user of the prepa
 (`--epochs` epochs in one fresh process per checkout), BEFORE then AFTER, with the default
 configuration of each checkout. Rounds alternate so that a slow spell of a shared machine slows
 both; the report gives every epoch, the medians and the per-round ratio AFTER / BEFORE.
+The timing loop is written here rather than taken from bench/speed.py: an older checkout may not
+have the functions this one's speed.py offers, and each worker must run only its own checkout's code.
 Prepare D once with `python bench/speed.py --prepare-only --work-dir W` (D = W/processed).
 """
 import argparse
