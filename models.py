@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, grad_and_value
 from modules.info_embedding import EmbeddingNetwork, activate, activation_grad
 from modules.cuda_graphs import GraphedEngine
 from modules.input_loading import InputLoading
-from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts
+from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts, grad_sq_norm
 from modules.memories import TASK_WRITES, DenseUserValues, Memories, PerUserValues
 from modules.rec_model import MEM_LAYER, RecModel
 
@@ -139,14 +139,20 @@ class MAMO(nn.Module):
         log_probs = torch.log_softmax(outputs, -1)
         return -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(-1)
 
-    def output_grad(self, outputs, targets):
-        """Gradient of `loss` (per user) with respect to the outputs: [..., n, n_y]."""
+    def output_targets(self, ratings, dtype):
+        """What `output_grad` compares the outputs with, for ratings [...]: the one-hot classes
+        [..., n_y], or the ratings [..., 1] (regression); floats of `dtype`."""
+        if self.regression:
+            return ratings.to(dtype).unsqueeze(-1)
+        return F.one_hot(ratings - self.rating_min, self.n_y).to(dtype)
+
+    def output_grad(self, outputs, output_targets):
+        """Gradient of `loss` (per user) with respect to the outputs [..., n, n_y], given the rows'
+        `output_targets` -> [..., n, n_y]."""
         n = outputs.shape[-2]
         if self.regression:
-            return (2.0 / n) * (outputs - targets.unsqueeze(-1))
-        probs = torch.softmax(outputs, -1)  # minus 1 at each row's target: softmax minus the one-hot targets
-        index = targets.unsqueeze(-1)
-        return probs.scatter_(-1, index, probs.gather(-1, index) - 1.0).div_(n)
+            return (2.0 / n) * (outputs - output_targets)
+        return torch.softmax(outputs, -1).sub_(output_targets).div_(n)
 
     def predictions(self, outputs):
         """Predictions of outputs [..., n, n_y].
@@ -409,8 +415,8 @@ class BatchedEngine:
 
         profiles [B, 1, D_u], item_profiles [B, N, D_i], attention [B, K] or None. The first user
         and item layers read fixed inputs (FixedInputLinear); a layer that starts at a per-user
-        mixture (memory reads) keeps a weight per user (DenseLinear); the others start at phi
-        (LowRankLinear).
+        mixture (memory reads), or whose weight has fewer entries than its steps' factors, keeps a
+        weight per user (DenseLinear); the others start at phi (LowRankLinear).
         """
         model, cfg = self.model, self.config
         n_users = profiles.shape[0]
@@ -434,11 +440,15 @@ class BatchedEngine:
                                               bias.expand(n_users, -1), coef)
                 elif j == 0 and prefix == "item":
                     linear = FixedInputLinear(item_profiles, support_size, base, bias.expand(n_users, -1))
-                elif coef is not None:
-                    linear = DenseLinear(bases, coef, bias.expand(n_users, -1), self.storage(name, n_users, bases))
                 else:
-                    rows_per_step = 1 if prefix == "user" else cfg["batch_size"]
-                    linear = LowRankLinear(base, bias, n_users, rows_per_step * n_steps)
+                    capacity = (1 if prefix == "user" else cfg["batch_size"]) * n_steps  # rows of all local steps
+                    if coef is None and base.numel() <= capacity * sum(base.shape):
+                        # a weight with fewer entries than its steps' factors: one copy per user costs less
+                        bases, coef = base.unsqueeze(0), profiles.new_ones(n_users, 1)
+                    if coef is None:
+                        linear = LowRankLinear(base, bias, n_users, capacity)
+                    else:
+                        linear = DenseLinear(bases, coef, bias.expand(n_users, -1), self.storage(name, n_users, bases))
                 layers[prefix].append(Layer(name, linear, activated))
         return layers
 
@@ -496,12 +506,13 @@ class BatchedEngine:
         return (grads, tape["user"][0].layer.linear.input_grad(user_grad).squeeze(1),
                 tape["item"][0].layer.linear.input_grad(item_grad))
 
-    def adapt(self, layers, profiles, item_profiles, targets, support_size):
-        """Local update on the first support_size rows of item_profiles / targets, in place on `layers`."""
+    def adapt(self, layers, profiles, item_profiles, output_targets, support_size):
+        """Local update on the first support_size rows of item_profiles / output_targets
+        (`MAMO.output_targets`), in place on `layers`."""
         cfg, model = self.config, self.model
         for rows in support_batches(support_size, cfg["batch_size"], cfg["n_inner_loop"]):
             outputs, tape = self.forward(layers, profiles, item_profiles, rows)
-            grads, _, _ = self.backward(tape, model.output_grad(outputs, targets[:, rows]), profile_grads=False)
+            grads, _, _ = self.backward(tape, model.output_grad(outputs, output_targets[:, rows]), profile_grads=False)
             if cfg["grad_clip"] is None:
                 step_scale = profiles.new_full(profiles.shape[:1], -cfg["rho"])
             else:
@@ -512,18 +523,15 @@ class BatchedEngine:
     @staticmethod
     def grad_sq_norm(grads):
         """Squared norm of each user's gradient over all of theta: [LayerGrad] -> [B]."""
-        total = grads[0].out_grad.new_zeros(grads[0].out_grad.shape[0])
-        for g in grads:
-            total = g.layer.linear.add_grad_sq_norm(total, g.step_input, g.out_grad)
-        return total
+        return grad_sq_norm([g.layer.linear.grad_grams(g.step_input, g.out_grad) for g in grads])
 
     def adapted_query(self, batch, profiles, item_profiles, attention):
         """Adapt every user on its support rows, then run its query rows -> (layers, outputs, tape)."""
         support = batch.support_size
-        targets = self.model.targets(batch.ratings)
+        output_targets = self.model.output_targets(batch.ratings[:, :support], profiles.dtype)
         profiles = profiles.unsqueeze(1)
         layers = self.initial_layers(profiles, item_profiles, attention, support)
-        self.adapt(layers, profiles, item_profiles, targets, support)
+        self.adapt(layers, profiles, item_profiles, output_targets, support)
         outputs, tape = self.forward(layers, profiles, item_profiles, slice(support, item_profiles.shape[1]))
         return layers, outputs, tape
 
@@ -537,7 +545,8 @@ class BatchedEngine:
         n_users, support = profiles.shape[0], batch.support_size
         layers, outputs, tape = self.adapted_query(batch, profiles, item_profiles, attention)
         query_targets = model.targets(batch.ratings[:, support:])
-        grads, profile_grad, item_grad = self.backward(tape, model.output_grad(outputs, query_targets))
+        query_grad = model.output_grad(outputs, model.output_targets(batch.ratings[:, support:], outputs.dtype))
+        grads, profile_grad, item_grad = self.backward(tape, query_grad)
         if cfg["clip_query_grad"] is not None:
             scale = clip_scale(self.grad_sq_norm(grads), cfg["clip_query_grad"])
             grads = [g._replace(out_grad=g.out_grad * scale.view(-1, 1, 1)) for g in grads]
@@ -545,8 +554,9 @@ class BatchedEngine:
         phi_grads, user_grads = {}, {}
         for g in grads:
             name = g.layer.name
-            phi_grads[f"{name}.weight"] = torch.einsum("bno,bni->oi", g.out_grad, g.input) / n_users
-            phi_grads[f"{name}.bias"] = g.out_grad.sum((0, 1)) / n_users
+            out_grad = g.out_grad.reshape(-1, g.out_grad.shape[-1])  # [B * n, out]: every user's rows
+            phi_grads[f"{name}.weight"] = (out_grad.t() @ g.input.reshape(out_grad.shape[0], -1)).div_(n_users)
+            phi_grads[f"{name}.bias"] = out_grad.sum(0).div_(n_users)
             if name.startswith("user."):
                 user_grads[f"{name}.weight"] = OuterProducts(g.out_grad, g.input)
                 user_grads[f"{name}.bias"] = DenseUserValues(g.out_grad.sum(1))

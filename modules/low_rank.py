@@ -27,16 +27,22 @@ def ones_gram(one, x, y):
     return torch.baddbmm(one, x, y.transpose(1, 2))
 
 
-def add_grad_sq_norm(total, gram, out_grad):
-    """total + the squared norm of one layer's per-user gradient (weight and bias): [B].
+def grad_grams(gram, out_grad):
+    """What one layer adds to its users' squared gradient norm: (gram [B, m, m], out_grad out_grad^T [B, m, m]).
 
-    The weight gradient is out_grad_b^T x_b; gram = x x^T + 1 [B, m, m] and out_grad [B, m, out]:
+    The weight gradient is out_grad_b^T x_b, gram = x x^T + 1 and out_grad [B, m, out]:
     ||out_grad^T x||^2 + ||sum of out_grad's rows||^2 = sum((x x^T + 1) * (out_grad out_grad^T)).
     """
-    n_users = out_grad.shape[0]
-    out_gram = torch.bmm(out_grad, out_grad.transpose(1, 2))
-    return torch.baddbmm(total.view(n_users, 1, 1), gram.reshape(n_users, 1, -1),
-                         out_gram.view(n_users, -1, 1)).view(n_users)
+    return gram, torch.bmm(out_grad, out_grad.transpose(1, 2))
+
+
+def grad_sq_norm(layer_grams):
+    """Squared norm of each user's gradient over several layers, from each layer's `grad_grams`
+    [(gram, out_gram)] -> [B]: one product of all the layers' grams, concatenated."""
+    n_users = layer_grams[0][0].shape[0]
+    grams = torch.cat([gram.reshape(n_users, -1) for gram, _ in layer_grams], 1)
+    out_grams = torch.cat([out_gram.reshape(n_users, -1) for _, out_gram in layer_grams], 1)
+    return torch.bmm(grams.unsqueeze(1), out_grams.unsqueeze(2)).view(n_users)
 
 
 def mixture_forward(x, bases, coef):
@@ -53,6 +59,16 @@ def mixture_input_grad(out_grad, bases, coef):
     n_users, n, _ = out_grad.shape
     mixed = out_grad.unsqueeze(2) * coef.view(n_users, 1, -1, 1)
     return (mixed.reshape(n_users * n, -1) @ bases.reshape(-1, bases.shape[-1])).view(n_users, n, -1)
+
+
+def mixtures(coef, bases, out):
+    """The per-user mixtures sum_j coef[b, j] bases[j], written to out: coef [B, J], bases [J, S],
+    out [B, S] -> out. One scaled addition per matrix: with so few matrices a matrix product
+    (coef @ bases) runs several times slower (measured: 530 vs 200 us at B = 32, J = 3, S = 40,000)."""
+    torch.mul(coef[:, :1], bases[0], out=out)
+    for j in range(1, bases.shape[0]):
+        out.addcmul_(coef[:, j:j + 1], bases[j])
+    return out
 
 
 def outer_product_sum(weights, deltas, rows):
@@ -138,9 +154,9 @@ class LowRankLinear:
             return grad_in
         return grad_in.baddbmm_(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows[..., columns])
 
-    def add_grad_sq_norm(self, total, x, out_grad):
-        """total [B] + the squared norm of the gradient out_grad^T x (and its bias part) [B]."""
-        return add_grad_sq_norm(total, ones_gram(self.one, x, x), out_grad)
+    def grad_grams(self, x, out_grad):
+        """The grams of the gradient out_grad^T x (and its bias part): see `grad_grams`."""
+        return grad_grams(ones_gram(self.one, x, x), out_grad)
 
     def step(self, x, out_grad, step_scale):
         """One local step theta <- theta + step_scale * grad, in place.
@@ -151,7 +167,7 @@ class LowRankLinear:
         start = 0 if self.rows is None else self.rows.shape[1]
         end = start + x.shape[1]
         self.row_buffer[:, start:end] = x
-        self.delta_buffer[:, start:end] = out_grad * step_scale.view(-1, 1, 1)
+        torch.mul(out_grad, step_scale.view(-1, 1, 1), out=self.delta_buffer[:, start:end])
         self.rows, self.deltas = self.row_buffer[:, :end], self.delta_buffer[:, :end]
 
 
@@ -190,9 +206,9 @@ class FixedInputLinear:
             grad_in = mixture_input_grad(out_grad, self.base, self.coef)
         return grad_in.baddbmm_(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.slot_inputs)
 
-    def add_grad_sq_norm(self, total, rows, out_grad):
-        """total [B] + the squared norm of the gradient at input rows `rows` (a slice) [B]."""
-        return add_grad_sq_norm(total, self.gram[:, rows, rows], out_grad)
+    def grad_grams(self, rows, out_grad):
+        """The grams of the gradient at input rows `rows` (a slice): see `grad_grams`."""
+        return grad_grams(self.gram[:, rows, rows], out_grad)
 
     def step(self, rows, out_grad, step_scale):
         """One local step on input rows `rows` (a slice within the first S), in place; out_grad
@@ -211,9 +227,8 @@ class DenseLinear:
     def __init__(self, bases, coef, bias, storage=None):
         self.bases, self.coef = bases, coef
         n_users = coef.shape[0]
-        mixed = torch.mm(coef, bases.flatten(1), out=storage.view(n_users, -1)) if storage is not None else \
-            coef @ bases.flatten(1)
-        self.weight = mixed.view(n_users, *bases.shape[1:])
+        flat = storage.view(n_users, -1) if storage is not None else bases.new_empty(n_users, bases[0].numel())
+        self.weight = mixtures(coef, bases.flatten(1), flat).view(n_users, *bases.shape[1:])
         self.bias, self.one = bias.clone(), bases.new_ones(())
 
     def forward(self, x):
@@ -231,9 +246,9 @@ class DenseLinear:
         """Gradient of sum(out_grad * forward(x)) with respect to x[..., columns]: [B, n, out] -> [B, n, w]."""
         return torch.bmm(out_grad, self.weight[..., columns])
 
-    def add_grad_sq_norm(self, total, x, out_grad):
-        """total [B] + the squared norm of the gradient out_grad^T x (and its bias part) [B]."""
-        return add_grad_sq_norm(total, ones_gram(self.one, x, x), out_grad)
+    def grad_grams(self, x, out_grad):
+        """The grams of the gradient out_grad^T x (and its bias part): see `grad_grams`."""
+        return grad_grams(ones_gram(self.one, x, x), out_grad)
 
     def step(self, x, out_grad, step_scale):
         """One local step W_b += step_scale_b out_grad_b^T x_b, bias_b += step_scale_b (the sum of
