@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, grad_and_value
 from modules.info_embedding import EmbeddingNetwork, activate, activation_grad
 from modules.cuda_graphs import GraphedEngine
 from modules.input_loading import InputLoading
-from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts, grad_sq_norm
+from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts
 from modules.memories import TASK_WRITES, DenseUserValues, Memories, PerUserValues
 from modules.rec_model import MEM_LAYER, RecModel
 
@@ -523,7 +523,10 @@ class BatchedEngine:
     @staticmethod
     def grad_sq_norm(grads):
         """Squared norm of each user's gradient over all of theta: [LayerGrad] -> [B]."""
-        return grad_sq_norm([g.layer.linear.grad_grams(g.step_input, g.out_grad) for g in grads])
+        total = grads[0].out_grad.new_zeros(grads[0].out_grad.shape[0])
+        for g in grads:
+            total = g.layer.linear.add_grad_sq_norm(total, g.step_input, g.out_grad)
+        return total
 
     def adapted_query(self, batch, profiles, item_profiles, attention):
         """Adapt every user on its support rows, then run its query rows -> (layers, outputs, tape)."""

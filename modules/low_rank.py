@@ -27,22 +27,16 @@ def ones_gram(one, x, y):
     return torch.baddbmm(one, x, y.transpose(1, 2))
 
 
-def grad_grams(gram, out_grad):
-    """What one layer adds to its users' squared gradient norm: (gram [B, m, m], out_grad out_grad^T [B, m, m]).
+def add_grad_sq_norm(total, gram, out_grad):
+    """total + the squared norm of one layer's per-user gradient (weight and bias): [B].
 
-    The weight gradient is out_grad_b^T x_b, gram = x x^T + 1 and out_grad [B, m, out]:
+    The weight gradient is out_grad_b^T x_b; gram = x x^T + 1 [B, m, m] and out_grad [B, m, out]:
     ||out_grad^T x||^2 + ||sum of out_grad's rows||^2 = sum((x x^T + 1) * (out_grad out_grad^T)).
     """
-    return gram, torch.bmm(out_grad, out_grad.transpose(1, 2))
-
-
-def grad_sq_norm(layer_grams):
-    """Squared norm of each user's gradient over several layers, from each layer's `grad_grams`
-    [(gram, out_gram)] -> [B]: one product of all the layers' grams, concatenated."""
-    n_users = layer_grams[0][0].shape[0]
-    grams = torch.cat([gram.reshape(n_users, -1) for gram, _ in layer_grams], 1)
-    out_grams = torch.cat([out_gram.reshape(n_users, -1) for _, out_gram in layer_grams], 1)
-    return torch.bmm(grams.unsqueeze(1), out_grams.unsqueeze(2)).view(n_users)
+    n_users = out_grad.shape[0]
+    out_gram = torch.bmm(out_grad, out_grad.transpose(1, 2))
+    return torch.baddbmm(total.view(n_users, 1, 1), gram.reshape(n_users, 1, -1),
+                         out_gram.view(n_users, -1, 1)).view(n_users)
 
 
 def mixture_forward(x, bases, coef):
@@ -154,9 +148,9 @@ class LowRankLinear:
             return grad_in
         return grad_in.baddbmm_(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.rows[..., columns])
 
-    def grad_grams(self, x, out_grad):
-        """The grams of the gradient out_grad^T x (and its bias part): see `grad_grams`."""
-        return grad_grams(ones_gram(self.one, x, x), out_grad)
+    def add_grad_sq_norm(self, total, x, out_grad):
+        """total [B] + the squared norm of the gradient out_grad^T x (and its bias part) [B]."""
+        return add_grad_sq_norm(total, ones_gram(self.one, x, x), out_grad)
 
     def step(self, x, out_grad, step_scale):
         """One local step theta <- theta + step_scale * grad, in place.
@@ -206,9 +200,9 @@ class FixedInputLinear:
             grad_in = mixture_input_grad(out_grad, self.base, self.coef)
         return grad_in.baddbmm_(torch.bmm(out_grad, self.deltas.transpose(1, 2)), self.slot_inputs)
 
-    def grad_grams(self, rows, out_grad):
-        """The grams of the gradient at input rows `rows` (a slice): see `grad_grams`."""
-        return grad_grams(self.gram[:, rows, rows], out_grad)
+    def add_grad_sq_norm(self, total, rows, out_grad):
+        """total [B] + the squared norm of the gradient at input rows `rows` (a slice) [B]."""
+        return add_grad_sq_norm(total, self.gram[:, rows, rows], out_grad)
 
     def step(self, rows, out_grad, step_scale):
         """One local step on input rows `rows` (a slice within the first S), in place; out_grad
@@ -246,9 +240,9 @@ class DenseLinear:
         """Gradient of sum(out_grad * forward(x)) with respect to x[..., columns]: [B, n, out] -> [B, n, w]."""
         return torch.bmm(out_grad, self.weight[..., columns])
 
-    def grad_grams(self, x, out_grad):
-        """The grams of the gradient out_grad^T x (and its bias part): see `grad_grams`."""
-        return grad_grams(ones_gram(self.one, x, x), out_grad)
+    def add_grad_sq_norm(self, total, x, out_grad):
+        """total [B] + the squared norm of the gradient out_grad^T x (and its bias part) [B]."""
+        return add_grad_sq_norm(total, ones_gram(self.one, x, x), out_grad)
 
     def step(self, x, out_grad, step_scale):
         """One local step W_b += step_scale_b out_grad_b^T x_b, bias_b += step_scale_b (the sum of

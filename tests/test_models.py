@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from models import MAMO, MEM_WEIGHT, make_engine, meta_train_step, predict_query, support_batches
-from modules.low_rank import (DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts, grad_sq_norm,
-                               outer_product_sum)
+from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts, outer_product_sum
 from tests.conftest import TINY_FEATURES, random_batch, small_config
 
 
@@ -304,7 +303,8 @@ def test_layer_forms_equal_dense_per_user_weights_through_local_steps(form):
         out_grad = torch.randn(n_users, 2, n_out, generator=gen, dtype=torch.float64)
         assert torch.allclose(layer.input_grad(out_grad), torch.einsum("bno,boi->bni", out_grad, dense), atol=1e-12)
         grad_sq = (torch.einsum("bno,bni->boi", out_grad, x).pow(2).sum((1, 2)) + out_grad.sum(1).pow(2).sum(1))
-        assert torch.allclose(grad_sq_norm([layer.grad_grams(rows if fixed else x, out_grad)]), grad_sq, atol=1e-12)
+        total = torch.full((n_users,), 0.5, dtype=torch.float64)
+        assert torch.allclose(layer.add_grad_sq_norm(total, rows if fixed else x, out_grad), 0.5 + grad_sq, atol=1e-12)
         step_scale = -0.1 * torch.rand(n_users, generator=gen, dtype=torch.float64)
         layer.step(rows if fixed else x, out_grad, step_scale)
         dense = dense + step_scale.view(-1, 1, 1) * torch.einsum("bno,bni->boi", out_grad, x)
