@@ -415,8 +415,8 @@ class BatchedEngine:
 
         profiles [B, 1, D_u], item_profiles [B, N, D_i], attention [B, K] or None. The first user
         and item layers read fixed inputs (FixedInputLinear); a layer that starts at a per-user
-        mixture (memory reads), or whose weight has fewer entries than its steps' factors, keeps a
-        weight per user (DenseLinear); the others start at phi (LowRankLinear).
+        mixture (memory reads) keeps a weight per user (DenseLinear); the others start at phi
+        (LowRankLinear).
         """
         model, cfg = self.model, self.config
         n_users = profiles.shape[0]
@@ -440,15 +440,11 @@ class BatchedEngine:
                                               bias.expand(n_users, -1), coef)
                 elif j == 0 and prefix == "item":
                     linear = FixedInputLinear(item_profiles, support_size, base, bias.expand(n_users, -1))
+                elif coef is not None:
+                    linear = DenseLinear(bases, coef, bias.expand(n_users, -1), self.storage(name, n_users, bases))
                 else:
-                    capacity = (1 if prefix == "user" else cfg["batch_size"]) * n_steps  # rows of all local steps
-                    if coef is None and base.numel() <= capacity * sum(base.shape):
-                        # a weight with fewer entries than its steps' factors: one copy per user costs less
-                        bases, coef = base.unsqueeze(0), profiles.new_ones(n_users, 1)
-                    if coef is None:
-                        linear = LowRankLinear(base, bias, n_users, capacity)
-                    else:
-                        linear = DenseLinear(bases, coef, bias.expand(n_users, -1), self.storage(name, n_users, bases))
+                    rows_per_step = 1 if prefix == "user" else cfg["batch_size"]
+                    linear = LowRankLinear(base, bias, n_users, rows_per_step * n_steps)
                 layers[prefix].append(Layer(name, linear, activated))
         return layers
 
