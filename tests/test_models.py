@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import MAMO, MEM_WEIGHT, make_engine, meta_train_step, predict_query, support_batches
-from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts, outer_product_sum
+from modules.low_rank import DenseLinear, FixedInputLinear, LowRankLinear, OuterProducts, mixtures, outer_product_sum
 from tests.conftest import TINY_FEATURES, random_batch, small_config
 
 
@@ -44,6 +44,38 @@ def test_initial_theta_is_phi_minus_tao_bias_and_task_memory_weight():
     assert torch.allclose(theta[MEM_WEIGHT], torch.einsum("bk,kij->bij", a, model.memories.task))
     assert torch.equal(theta["item.layers.0.weight"][1], phi["item.layers.0.weight"])
     assert torch.equal(theta["rec.layers.0.bias"][0], phi["rec.layers.0.bias"])
+
+
+@pytest.mark.parametrize("head", ["classification", "regression"])
+def test_output_grad_is_the_gradient_of_the_loss(head):
+    """The closed form the batched engine backpropagates equals autograd's gradient of `loss` (classes 1..5:
+    the lowest and the highest rating included)."""
+    model = build(small_config(head=head))
+    gen = torch.Generator().manual_seed(7)
+    outputs = torch.randn(3, 4, 1 if head == "regression" else 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    ratings = torch.tensor([[1, 5, 3, 2], [5, 5, 1, 4], [2, 3, 4, 1]])
+    model.loss(outputs, model.targets(ratings)).sum().backward()
+    closed_form = model.output_grad(outputs.detach(), model.output_targets(ratings, torch.float64))
+    assert torch.allclose(closed_form, outputs.grad, atol=1e-15, rtol=0)
+
+
+def test_output_targets_by_hand():
+    classes, regression = build(small_config()), build(small_config(head="regression"))
+    ratings = torch.tensor([[1, 4]])  # ratings 1..5 are classes 0..4
+    assert torch.equal(classes.output_targets(ratings, torch.float32),
+                       torch.tensor([[[1.0, 0, 0, 0, 0], [0, 0, 0, 1.0, 0]]]))
+    assert torch.equal(regression.output_targets(ratings, torch.float64), torch.tensor([[[1.0], [4.0]]], dtype=torch.float64))
+
+
+def test_mixtures_by_hand_and_against_a_matrix_product():
+    coef = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    bases = torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+    out = torch.empty(2, 3)
+    assert mixtures(coef, bases, out) is out
+    assert torch.equal(out, torch.tensor([[21.0, 42.0, 63.0], [-9.5, -19.0, -28.5]]))
+    gen = torch.Generator().manual_seed(8)
+    coef, bases = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(4, 35, generator=gen, dtype=torch.float64)
+    assert torch.allclose(mixtures(coef, bases, torch.empty(6, 35, dtype=torch.float64)), coef @ bases, atol=1e-13)
 
 
 def plain_local_update(model, theta, profile, item_profiles, targets, cfg):
