@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.epoch_ab import git_commit  # noqa: E402  (imports nothing of the repository's code)
+from bench.epoch_ab import check_inputs, git_commit  # noqa: E402  (imports nothing of the repository's code)
 
 #: Top-level names of the repository's code: removed from sys.modules before a checkout is imported.
 CODE_PACKAGES = ("configs", "data_prep", "mamoRec", "models", "modules", "utils")
@@ -78,11 +78,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    for name, path in (("BEFORE", args.before), ("AFTER", args.after)):
-        if not (path / "mamoRec.py").is_file():
-            parser.error(f"{name} {path} is not a checkout of this repository (no mamoRec.py)")
-    if not (args.data_dir / "manifest.json").is_file():
-        parser.error(f"--data-dir {args.data_dir} holds no prepared data (manifest.json)")
+    check_inputs(parser, args)
     if min(args.batches, args.rounds, args.threads) < 1 or args.warmup_steps < 0:
         parser.error("--batches, --rounds and --threads must be at least 1, --warmup-steps at least 0")
     torch.set_num_threads(args.threads)

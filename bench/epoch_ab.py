@@ -57,6 +57,16 @@ def git_commit(checkout):
     return result.stdout.strip() or None
 
 
+def check_inputs(parser, args):
+    """Refuse, in one line, a BEFORE or AFTER that is no checkout of this repository and a
+    --data-dir without prepared data."""
+    for name, path in (("BEFORE", args.before), ("AFTER", args.after)):
+        if not (path / "mamoRec.py").is_file():
+            parser.error(f"{name} {path} is not a checkout of this repository (no mamoRec.py)")
+    if not (args.data_dir / "manifest.json").is_file():
+        parser.error(f"--data-dir {args.data_dir} holds no prepared data (manifest.json)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path)
@@ -71,11 +81,7 @@ def main(argv=None):
     if args.worker:  # one checkout's epochs, printed as JSON for the parent
         print(json.dumps(time_epochs(args.after, args.data_dir, args.epochs, args.threads)))
         return 0
-    for name, path in (("BEFORE", args.before), ("AFTER", args.after)):
-        if not (path / "mamoRec.py").is_file():
-            parser.error(f"{name} {path} is not a checkout of this repository (no mamoRec.py)")
-    if not (args.data_dir / "manifest.json").is_file():
-        parser.error(f"--data-dir {args.data_dir} holds no prepared data (manifest.json)")
+    check_inputs(parser, args)
     if min(args.rounds, args.epochs, args.threads) < 1:
         parser.error("--rounds, --epochs and --threads must be at least 1")
     rounds = []

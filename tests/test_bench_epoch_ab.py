@@ -1,7 +1,10 @@
-"""bench/epoch_ab.py: two checkouts timed side by side in fresh processes, and its refusals."""
+"""bench/epoch_ab.py: two checkouts timed side by side in fresh processes, and the refusals it shares
+with bench/engine_ab.py."""
 import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import ROOT
 
@@ -32,10 +35,15 @@ def test_two_checkouts_are_timed_round_by_round(tmp_path, synthetic_dir):
     assert record["environment"]["torch_threads"] == 1 and record["before"]["commit"] == record["after"]["commit"]
 
 
-def test_bad_arguments_are_refused_in_one_line(tmp_path, synthetic_dir):
-    not_a_checkout = run(tmp_path, ROOT, "--data-dir", synthetic_dir)
+@pytest.mark.parametrize("script", ["epoch_ab.py", "engine_ab.py"])
+def test_bad_arguments_are_refused_in_one_line(script, tmp_path, synthetic_dir):
+    def run_script(*args):
+        return subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)],
+                              capture_output=True, text=True)
+
+    not_a_checkout = run_script(tmp_path, ROOT, "--data-dir", synthetic_dir)
     assert not_a_checkout.returncode == 2 and "is not a checkout of this repository" in not_a_checkout.stderr
-    no_data = run(ROOT, ROOT, "--data-dir", tmp_path)
+    no_data = run_script(ROOT, ROOT, "--data-dir", tmp_path)
     assert no_data.returncode == 2 and "holds no prepared data" in no_data.stderr
-    zero_rounds = run(ROOT, ROOT, "--data-dir", synthetic_dir, "--rounds", "0")
+    zero_rounds = run_script(ROOT, ROOT, "--data-dir", synthetic_dir, "--rounds", "0")
     assert zero_rounds.returncode == 2 and "at least 1" in zero_rounds.stderr
