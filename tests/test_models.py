@@ -182,6 +182,28 @@ def test_batched_engine_matches_reference_in_float32():
     assert_same_state(snapshot(models[0]), snapshot(models[1]), atol=1e-5)
 
 
+def test_inference_mode_changes_no_bit_and_predictions_are_ordinary_tensors():
+    """The batched engine runs in inference mode (for speed): the same call without it gives the
+    same bits, and what predict hands back can be changed in place like any tensor."""
+    model = build(small_config(embedding_dim=16), dtype=torch.float32)
+    engine, batch = make_engine(model, "batched"), random_batch(4)
+    profiles = model.input_loading.user_profile(batch.user_codes).detach()
+    items = model.input_loading.item_profile(batch.item_features).detach()
+    weights = torch.rand(4, 3, generator=torch.Generator().manual_seed(9))
+
+    def fingerprint(meta):  # read at once: the next call reuses the per-user weights' storage
+        return [meta.query_loss, meta.profile_grads, meta.item_grads, *meta.phi_grads.values(),
+                *(v.weighted_sum(weights) for v in meta.user_grads.values()),
+                meta.mem_weights.weighted_sum(weights), meta.mem_updates.weighted_sum(weights)]
+
+    fast = fingerprint(engine.meta_gradients(batch, profiles, items, model.read(profiles)))
+    plain = fingerprint(type(engine).meta_gradients.__wrapped__(engine, batch, profiles, items, model.read(profiles)))
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    predictions = predict_query(model, engine, batch)
+    assert not predictions.is_inference()
+    predictions += 1.0
+
+
 def test_two_batches_of_one_differ_from_one_batch_of_two():
     """With one user per step the second user reads the memories the first wrote (sequential
     algorithm); in a batch of two both read the memories as they stood at the batch start."""
