@@ -393,7 +393,7 @@ class BatchedEngine:
     (plain gradient descent, first order).
 
     Its calls run in inference mode: no autograd bookkeeping on its thousand small operations
-    (version counters, view records), measured 0.94 of the time of a step run without it, with
+    (version counters, view records), measured 0.92-0.94 of the time of a call without it, with
     bit-identical results (`bench/engine_ab.py`). So the tensors of a MetaGradients are inference
     tensors: usable anywhere, but not changed in place outside inference mode."""
 
