@@ -1,15 +1,17 @@
-"""The batched engine of two versions of this code in one process: `python bench/engine_ab.py BEFORE AFTER --data-dir D`.
+"""The batched engine of two versions of this code in one process:
+`python bench/engine_ab.py BEFORE AFTER --data-dir D`.
 
 BEFORE and AFTER are checkouts of this repository (e.g. `git worktree add /tmp/before <commit>`).
 Both versions' code is imported side by side. BEFORE's trainer loads the prepared synthetic data in
 D and takes `--warmup-steps` global steps (so that the memories have been written); AFTER builds
-its model from the same state. Then the two engines are called alternately, call by call, on the
-same batches: `meta_gradients` on `--batches` training batches of users_per_step users and
-`predict` on up to `--batches` test batches of eval_batch_users users (BEFORE's configs.py). Reports the medians, the median of the per-call ratios
-AFTER / BEFORE and whether the two versions' results are bit-identical (every meta-gradient, the
-memory writes' inputs and the predictions). Timing call by call in one process cancels most of a
-shared machine's slow spells; bench/epoch_ab.py (whole epochs in fresh processes) cannot resolve a
-change of a few per cent on such a machine.
+its model from the same state, with BEFORE's settings (and its own defaults for settings BEFORE
+does not know). Then the two engines are called alternately, call by call, on the same batches:
+`meta_gradients` on `--batches` training batches of users_per_step users and `predict` on up to
+`--batches` test batches of eval_batch_users users (BEFORE's configs.py). Reports the medians, the
+median of the per-call ratios AFTER / BEFORE and whether the two versions' results are
+bit-identical (every meta-gradient, the memory writes' inputs and the predictions). Timing call by
+call in one process cancels most of a shared machine's slow spells; bench/epoch_ab.py (whole epochs
+in fresh processes) cannot resolve a change of a few per cent on such a machine.
 Prepare D once with `python bench/speed.py --prepare-only --work-dir W` (D = W/processed).
 """
 import argparse
@@ -63,6 +65,15 @@ def fingerprint(meta, n_users, n_slots):
     return [t.detach().clone() for t in tensors]
 
 
+def compared_difference(label, before, after):
+    """The largest difference between two versions' fingerprints; a one-line SystemExit when their
+    MetaGradients do not line up (versions whose records differ cannot be compared bit for bit)."""
+    if len(before) != len(after) or any(a.shape != b.shape for a, b in zip(before, after)):
+        raise SystemExit(f"engine_ab.py: the two versions' {label} differ in structure "
+                         f"({len(before)} against {len(after)} tensors); compare versions with the same records")
+    return largest_difference(before, after)
+
+
 def largest_difference(first, second):
     return max((a - b).abs().max().item() for a, b in zip(first, second))
 
@@ -104,8 +115,14 @@ def main(argv=None):
 
     after = import_checkout(args.after.resolve())
     versions = {"before": (before["models"], trainer.model)}
-    model = after["models"].MAMO(manifest["features"], manifest["n_rating_classes"], manifest["rating_min"], cfg)
-    model.load_state_dict(trainer.model.state_dict())
+    # AFTER's settings: BEFORE's value of every key both know, AFTER's default for the keys it added
+    after_cfg = {key: cfg.get(key, default) for key, default in after["configs"].config_settings.items()}
+    model = after["models"].MAMO(manifest["features"], manifest["n_rating_classes"], manifest["rating_min"], after_cfg)
+    try:
+        model.load_state_dict(trainer.model.state_dict())
+    except RuntimeError as error:
+        parser.error(f"AFTER's model cannot take BEFORE's state (the two versions' parameters or memories differ): "
+                     f"{str(error).splitlines()[0]}")
     versions["after"] = (after["models"], model)
     engines = {label: module.BatchedEngine(model) for label, (module, model) in versions.items()}
 
@@ -118,8 +135,9 @@ def main(argv=None):
         return module.predict_query(model, engines[label], batch)
 
     n_slots = cfg["n_k"]
-    meta_difference = max(largest_difference(fingerprint(meta_gradients("before", b), size, n_slots),
-                                             fingerprint(meta_gradients("after", b), size, n_slots))
+    meta_difference = max(compared_difference("meta-gradients",
+                                              fingerprint(meta_gradients("before", b), size, n_slots),
+                                              fingerprint(meta_gradients("after", b), size, n_slots))
                           for b in train_batches)
     predict_difference = max(largest_difference([predict("before", b)], [predict("after", b)]) for b in test_batches)
 

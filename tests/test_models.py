@@ -48,11 +48,12 @@ def test_initial_theta_is_phi_minus_tao_bias_and_task_memory_weight():
 
 @pytest.mark.parametrize("head", ["classification", "regression"])
 def test_output_grad_is_the_gradient_of_the_loss(head):
-    """The closed form the batched engine backpropagates equals autograd's gradient of `loss` (classes 1..5:
-    the lowest and the highest rating included)."""
+    """The closed form the batched engine backpropagates equals autograd's gradient of `loss`
+    (classes 1..5: the lowest and the highest rating included)."""
     model = build(small_config(head=head))
     gen = torch.Generator().manual_seed(7)
-    outputs = torch.randn(3, 4, 1 if head == "regression" else 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    n_y = 1 if head == "regression" else 5
+    outputs = torch.randn(3, 4, n_y, generator=gen, dtype=torch.float64, requires_grad=True)
     ratings = torch.tensor([[1, 5, 3, 2], [5, 5, 1, 4], [2, 3, 4, 1]])
     model.loss(outputs, model.targets(ratings)).sum().backward()
     closed_form = model.output_grad(outputs.detach(), model.output_targets(ratings, torch.float64))
@@ -64,7 +65,8 @@ def test_output_targets_by_hand():
     ratings = torch.tensor([[1, 4]])  # ratings 1..5 are classes 0..4
     assert torch.equal(classes.output_targets(ratings, torch.float32),
                        torch.tensor([[[1.0, 0, 0, 0, 0], [0, 0, 0, 1.0, 0]]]))
-    assert torch.equal(regression.output_targets(ratings, torch.float64), torch.tensor([[[1.0], [4.0]]], dtype=torch.float64))
+    assert torch.equal(regression.output_targets(ratings, torch.float64),
+                       torch.tensor([[[1.0], [4.0]]], dtype=torch.float64))
 
 
 def test_mixtures_by_hand_and_against_a_matrix_product():
@@ -74,7 +76,8 @@ def test_mixtures_by_hand_and_against_a_matrix_product():
     assert mixtures(coef, bases, out) is out
     assert torch.equal(out, torch.tensor([[21.0, 42.0, 63.0], [-9.5, -19.0, -28.5]]))
     gen = torch.Generator().manual_seed(8)
-    coef, bases = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(4, 35, generator=gen, dtype=torch.float64)
+    coef = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    bases = torch.randn(4, 35, generator=gen, dtype=torch.float64)
     assert torch.allclose(mixtures(coef, bases, torch.empty(6, 35, dtype=torch.float64)), coef @ bases, atol=1e-13)
 
 
