@@ -13,7 +13,8 @@
 #      cuda-graphs; the CUDA runs' metrics must agree with the CPU run's within 5e-3 (float32
 #      rounding differs between devices and grows over an epoch: 7e-4 was measured between two
 #      CPU engines that only sum in another order) and with each other within 1e-6 (same kernels);
-#   5. the test suite (last, with the time that is left).
+#   5. the test suite (last, with the time that is left; 8 workers where pytest-xdist is installed,
+#      TEST_WORKERS to change); the CUDA-only tests also run on their own right after step 1.
 # OUT_DIR receives at most 8 files: summary.json (every step's status and seconds),
 # speed_cuda_cuda-graphs.json, speed_cuda_none.json (speed_cpu_none.json in a dry run),
 # agreement_cpu_vs_cuda.json, agreement_graphs_vs_none.json and logs.tar.gz (every step's log and
@@ -109,6 +110,11 @@ if ! $dry_run; then
   step nvidia_smi 30 nvidia-smi
 fi
 
+# The CUDA-only tests first (graph replay gives exactly the eager numbers; auto picks graphs).
+if ! $dry_run; then
+  step tests_cuda 120 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
+fi
+
 step prepare_ml1m 120 "$python" bench/speed.py --prepare-only --n-users 6040 --work-dir "$work/ml1m"
 step prepare_small 60 "$python" bench/speed.py --prepare-only --n-users 600 --work-dir "$work/small"
 
@@ -138,8 +144,12 @@ step agree_cpu_vs_cuda 60 "$python" bench/metrics_agreement.py "$work/runs/cpu" 
 step agree_graphs_vs_none 60 "$python" bench/metrics_agreement.py "$work/runs/cuda_graphs" "$work/runs/cuda_none" \
   --tolerance 1e-6 --json "$out/agreement_graphs_vs_none.json"
 
+# The whole suite with the time that is left, in parallel workers where pytest-xdist is installed
+# (one process took ~280 s on an H200 machine: many tests start training runs that set up CUDA).
+test_flags=(-q -x -p no:cacheprovider --durations=10)
+if "$python" -c "import xdist" 2>/dev/null; then test_flags+=(-n "${TEST_WORKERS:-8}"); fi
 left=$((budget - (SECONDS - started)))
 if ((left < 60)); then left=60; fi
-step tests "$left" "$python" -m pytest -q -x -p no:cacheprovider
+step tests "$left" "$python" -m pytest "${test_flags[@]}"
 
 exit "$failed"

@@ -150,18 +150,22 @@ def flop_per_user(trainer, users, users_per_step):
     return flop / len(batch.ratings)
 
 
+WARMUP_ROUNDS = 2  # step_cost's uncounted rounds (see there)
+
+
 def step_cost(trainer, users, batch_sizes, rounds, device):
     """Seconds per global step at each users_per_step B (median over interleaved rounds) and what
     they imply: the speed-up B * t(1) / t(B) over one user per step, the marginal cost of one more
     user between consecutive sizes, and t(1) / (the last marginal cost), the speed-up that no batch
-    size can pass while a user costs at least that much. The first round is a warm-up (with
-    cuda-graphs, each size is captured there) and is not counted."""
+    size can pass while a user costs at least that much. The first WARMUP_ROUNDS rounds are not
+    counted: with cuda-graphs a step shape runs eagerly at its first call and is captured at its
+    second, and a size as large as the subset makes one step per round."""
     per_step = {size: [] for size in batch_sizes}
-    for round_ in range(rounds + 1):
+    for round_ in range(WARMUP_ROUNDS + rounds):
         for size in batch_sizes:
             n_users = len(users) - len(users) % size
             seconds = timed_training(trainer, users[:n_users], size, device) * size / n_users
-            if round_ > 0:
+            if round_ >= WARMUP_ROUNDS:
                 per_step[size].append(seconds)
     seconds = {size: statistics.median(times) for size, times in per_step.items()}
     sizes = sorted(seconds)

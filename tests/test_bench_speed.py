@@ -72,6 +72,24 @@ def test_step_sizes_beyond_the_users_the_data_has_are_refused(tmp_path):
     assert "--scaling size 40 exceeds the" in str(exit_.value) and "raise --n-users" in str(exit_.value)
 
 
+def test_step_cost_counts_no_cuda_graph_capture(monkeypatch):
+    """A graphed engine runs a step shape eagerly at its first call and captures it at its second
+    (the slow one); a size as large as the subset makes one step per round, so one warm-up round
+    would leave that capture in the counted times."""
+    calls = {}
+
+    def fake_training(trainer, users, users_per_step, device):
+        seconds = 0.0
+        for _ in range(len(users) // users_per_step):
+            calls[users_per_step] = calls.get(users_per_step, 0) + 1
+            seconds += 10.0 if calls[users_per_step] == 2 else 1.0
+        return seconds
+
+    monkeypatch.setattr(speed, "timed_training", fake_training)
+    cost = speed.step_cost(None, list(range(4)), [1, 4], rounds=2, device=None)
+    assert cost["seconds_per_step"] == {1: 1.0, 4: 1.0}
+
+
 def test_growth_fits_a_line_with_a_fixed_part_and_flags_curvature():
     sizes = {n: {"prepare_seconds": 0.5 + 0.01 * n, "epoch_seconds": 0.01 * n * (1.3 if n == 400 else 1.0),
                  "training_peak_rss_mb": 300 + 0.2 * n, "prepare_peak_rss_mb": 0.001 * n * n,
