@@ -42,7 +42,7 @@ from configs import config_settings  # noqa: E402
 from data_prep.prepare_data import prepare  # noqa: E402
 from mamoRec import MAMRec, load_data  # noqa: E402
 from models import COMPILE_MODES, make_engine, meta_train_step, predict_query, resolve_compile  # noqa: E402
-from utils import atomic_write_json, batch_to, resolve_device, select_users  # noqa: E402
+from utils import atomic_write_json, batch_to, git_state, resolve_device, select_users  # noqa: E402
 
 #: Largest distance of a --user-scaling point from the fitted line, relative to its value, still called linear.
 LINEAR_TOLERANCE = 0.1
@@ -76,7 +76,7 @@ def cpu_name():
 def machine(device):
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, **git_state()}
 
 
 def synchronize(device):

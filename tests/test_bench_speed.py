@@ -17,6 +17,7 @@ def test_speed_benchmark_writes_every_measure(tmp_path):
                 "--work-dir", str(tmp_path / "work"), "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["machine"]["device"] == "cpu"
+    assert len(result["machine"]["git_commit"]) == 40 and isinstance(result["machine"]["git_dirty"], bool)
     data = result["data"]
     assert data["n_train_users"] + data["n_test_users"] == data["n_users"] > 0
     assert data["processed_mb"] > 0 and data["prepare_seconds"] > 0
