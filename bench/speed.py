@@ -42,7 +42,7 @@ from configs import config_settings  # noqa: E402
 from data_prep.prepare_data import prepare  # noqa: E402
 from mamoRec import MAMRec, load_data  # noqa: E402
 from models import COMPILE_MODES, make_engine, meta_train_step, predict_query, resolve_compile  # noqa: E402
-from utils import atomic_write_json, batch_to, git_state, resolve_device, select_users  # noqa: E402
+from utils import atomic_write_json, batch_to, git_state, keep_freed_heap, resolve_device, select_users  # noqa: E402
 
 #: Largest distance of a --user-scaling point from the fitted line, relative to its value, still called linear.
 LINEAR_TOLERANCE = 0.1
@@ -76,7 +76,8 @@ def cpu_name():
 def machine(device):
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, **git_state()}
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "heap_top_pad_bytes": keep_freed_heap(), **git_state()}
 
 
 def synchronize(device):
@@ -262,18 +263,21 @@ def prepare_timed(work, n_users):
 
 
 def timed_epochs(trainer, cfg, n_epochs, device):
-    """Train and evaluate every user n_epochs times -> [per-epoch record]; resident memory sampled per step."""
+    """Train and evaluate every user n_epochs times -> [per-epoch record]; resident memory sampled
+    per step, and the process's minor page faults (pages the system had to hand out again)."""
     n_train, n_test = trainer.train_tasks.ratings.shape[0], trainer.test_tasks.ratings.shape[0]
     epochs = []
     for epoch in range(1, n_epochs + 1):
         rss = [rss_mb()]
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         train_seconds = timed_training(trainer, trainer.user_order(epoch), cfg["users_per_step"], device, rss)
         eval_seconds, _ = timed_evaluation(trainer, n_test, cfg["eval_batch_users"], device)
         epochs.append({"seconds": train_seconds + eval_seconds, "train_seconds": train_seconds,
                        "eval_seconds": eval_seconds, "train_users_per_second": n_train / train_seconds,
                        "eval_users_per_second": n_test / eval_seconds,
                        "rss_mb_after_first_step": rss[1], "rss_mb_at_10_percent": rss[len(rss) // 10],
-                       "rss_mb_at_end": rss[-1]})
+                       "rss_mb_at_end": rss[-1],
+                       "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults})
     return epochs
 
 
