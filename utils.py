@@ -298,6 +298,7 @@ def git_state(folder=Path(__file__).resolve().parent) -> dict:
 
 M_TOP_PAD = -2  # glibc's mallopt parameter: bytes of free memory kept at the top of the heap
 HEAP_TOP_PAD_BYTES = 64 << 20
+heap_top_pad = {"bytes": 0}  # what keep_freed_heap set in this process (0: not called, or not glibc)
 
 
 def keep_freed_heap() -> int:
@@ -311,13 +312,15 @@ def keep_freed_heap() -> int:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, TypeError, AttributeError):
         return 0
-    return HEAP_TOP_PAD_BYTES if mallopt(M_TOP_PAD, HEAP_TOP_PAD_BYTES) == 1 else 0
+    if mallopt(M_TOP_PAD, HEAP_TOP_PAD_BYTES) == 1:
+        heap_top_pad["bytes"] = HEAP_TOP_PAD_BYTES
+    return heap_top_pad["bytes"]
 
 
 def environment(device: torch.device) -> dict:
     """What a run's numbers depend on besides its settings and data: the resolved device, torch's
-    CPU thread count, the torch / numpy / python versions, the platform, the allocator's heap pad
-    (speed only: `keep_freed_heap`, applied by every trainer) and the code's git state."""
+    CPU thread count, the torch / numpy / python versions, the platform, the heap pad set in this
+    process (speed only: `keep_freed_heap`, which every trainer calls) and the code's git state."""
     return {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -325,7 +328,7 @@ def environment(device: torch.device) -> dict:
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "heap_top_pad_bytes": keep_freed_heap(),
+        "heap_top_pad_bytes": heap_top_pad["bytes"],
         **git_state(),
     }
 

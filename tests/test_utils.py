@@ -201,6 +201,14 @@ def test_keep_freed_heap_is_idempotent():
     assert utils.keep_freed_heap() == utils.keep_freed_heap() == 64 << 20
 
 
+@GLIBC
+def test_the_environment_reports_the_pad_only_once_it_is_set(monkeypatch):
+    monkeypatch.setitem(utils.heap_top_pad, "bytes", 0)
+    assert utils.environment(torch.device("cpu"))["heap_top_pad_bytes"] == 0
+    utils.keep_freed_heap()
+    assert utils.environment(torch.device("cpu"))["heap_top_pad_bytes"] == 64 << 20
+
+
 def test_keep_freed_heap_without_mallopt_is_a_no_op(monkeypatch):
     monkeypatch.setattr(utils.ctypes, "CDLL", lambda name: object())
     assert utils.keep_freed_heap() == 0
