@@ -301,16 +301,23 @@ HEAP_TOP_PAD_BYTES = 64 << 20
 heap_top_pad = {"bytes": 0}  # what keep_freed_heap set in this process (0: not called, or not glibc)
 
 
+def libc_mallopt():
+    """The C library's mallopt(param, value) -> 1 on success, or None where it has none (not glibc)."""
+    try:
+        return ctypes.CDLL(None).mallopt
+    except (OSError, TypeError, AttributeError):
+        return None
+
+
 def keep_freed_heap() -> int:
     """Have glibc's malloc keep HEAP_TOP_PAD_BYTES (64 MB) of freed memory at the top of the heap
     instead of returning it to the system after every step: a training step frees and reallocates
-    tens of MB of tensors, and each return made the next step fault those pages in again (about
-    100,000 minor page faults per ML-1M-scale epoch on 2 CPU cores, about 1,000 with the pad; the
-    numbers computed do not change). Process-wide and idempotent. Returns the pad in bytes, or 0
-    where the C library has no mallopt (not glibc) or refuses it."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, TypeError, AttributeError):
+    tens of MB of tensors, and each return made the next step fault those pages in again
+    (100,000-200,000 minor page faults per ML-1M-scale epoch on 2 CPU cores, 1,000-2,000 with the
+    pad; the numbers computed do not change). Process-wide and idempotent. Returns the pad in
+    bytes, or 0 where the C library has no mallopt (not glibc) or refuses it."""
+    mallopt = libc_mallopt()
+    if mallopt is None:
         return 0
     if mallopt(M_TOP_PAD, HEAP_TOP_PAD_BYTES) == 1:
         heap_top_pad["bytes"] = HEAP_TOP_PAD_BYTES

@@ -13,7 +13,6 @@ default heap with few page faults); no bit-identity check then. Needs glibc (Lin
 Prepare D once with `python bench/speed.py --prepare-only --work-dir W` (D = W/processed).
 """
 import copy
-import ctypes
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.speed import Parser, positive_int, timed_epochs  # noqa: E402
 from configs import config_settings  # noqa: E402
 from mamoRec import MAMRec, load_data  # noqa: E402
-from utils import HEAP_TOP_PAD_BYTES, M_TOP_PAD, atomic_write_json, environment  # noqa: E402
+from utils import HEAP_TOP_PAD_BYTES, M_TOP_PAD, atomic_write_json, environment, libc_mallopt  # noqa: E402
 
 GLIBC_DEFAULT_TOP_PAD = 128 << 10  # glibc's DEFAULT_TOP_PAD (131,072 bytes)
 PADS = {"default": GLIBC_DEFAULT_TOP_PAD, "padded": HEAP_TOP_PAD_BYTES}
@@ -53,9 +52,8 @@ def same_state(first, second):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, TypeError, AttributeError):
+    mallopt = libc_mallopt()
+    if mallopt is None:
         sys.exit("heap_ab.py: error: this C library has no mallopt (glibc is needed)")
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")

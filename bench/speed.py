@@ -42,7 +42,7 @@ from configs import config_settings  # noqa: E402
 from data_prep.prepare_data import prepare  # noqa: E402
 from mamoRec import MAMRec, load_data  # noqa: E402
 from models import COMPILE_MODES, make_engine, meta_train_step, predict_query, resolve_compile  # noqa: E402
-from utils import atomic_write_json, batch_to, git_state, keep_freed_heap, resolve_device, select_users  # noqa: E402
+from utils import atomic_write_json, batch_to, git_state, heap_top_pad, resolve_device, select_users  # noqa: E402
 
 #: Largest distance of a --user-scaling point from the fitted line, relative to its value, still called linear.
 LINEAR_TOLERANCE = 0.1
@@ -77,7 +77,7 @@ def machine(device):
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "heap_top_pad_bytes": keep_freed_heap(), **git_state()}
+            "heap_top_pad_bytes": heap_top_pad["bytes"], **git_state()}
 
 
 def synchronize(device):
@@ -361,11 +361,10 @@ def main(argv=None):
     data.update({"n_users": manifest["n_users"], "n_train_users": manifest["n_train_users"],
                  "n_test_users": manifest["n_test_users"], "n_items": manifest["n_items"],
                  "n_raw_ratings": manifest.get("n_raw_ratings")})
+    trainer = MAMRec(cfg, manifest, train, test, work / "run", device)  # sets the heap pad the machine record shows
     results = {"machine": machine(device), "data": data,
                "config": {k: cfg[k] for k in ("users_per_step", "eval_batch_users", "embedding_dim", "n_k",
                                               "batch_size", "n_inner_loop")}}
-
-    trainer = MAMRec(cfg, manifest, train, test, work / "run", device)
     epochs = timed_epochs(trainer, cfg, args.epochs, device)
     results["epoch"] = epochs[-1]
     results["compile"] = {"mode": args.compile_mode, "first_epoch_seconds": epochs[0]["seconds"],

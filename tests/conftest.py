@@ -3,6 +3,7 @@ import copy
 import functools
 import http.server
 import io
+import platform
 import shutil
 import threading
 from contextlib import redirect_stderr, redirect_stdout
@@ -16,6 +17,8 @@ from configs import config_settings
 from utils import TaskBatch
 
 ROOT = Path(__file__).resolve().parents[1]
+ON_GLIBC = platform.libc_ver()[0] == "glibc"
+GLIBC = pytest.mark.skipif(not ON_GLIBC, reason="needs glibc's malloc")
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 TINY_FEATURES = {

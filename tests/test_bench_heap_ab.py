@@ -1,13 +1,12 @@
 """bench/heap_ab.py: the heap pad off and on, epoch by epoch, on two trainers that must end alike."""
 import json
-import platform
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import GLIBC, ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import heap_ab  # noqa: E402
@@ -19,7 +18,7 @@ def run(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc's malloc")
+@GLIBC
 def test_pairs_of_epochs_are_timed_and_the_trainers_end_bit_identical(tmp_path, synthetic_dir):
     out = tmp_path / "heap.json"
     result = run("--data-dir", synthetic_dir, "--pairs", "2", "--threads", "1", "--json", out)
@@ -35,7 +34,7 @@ def test_pairs_of_epochs_are_timed_and_the_trainers_end_bit_identical(tmp_path, 
     assert record["environment"]["heap_top_pad_bytes"] == 64 << 20
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc's malloc")
+@GLIBC
 def test_one_trainer_alternates_the_pads_without_an_identity_check(tmp_path, synthetic_dir):
     out = tmp_path / "heap.json"
     result = run("--data-dir", synthetic_dir, "--pairs", "1", "--threads", "1", "--one-trainer", "--json", out)
