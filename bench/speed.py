@@ -4,8 +4,9 @@ Generates synthetic raw data in the ML-1M format (6,040 users by default), prepa
 measures with the default configuration:
 - preparation time and output size;
 - full epochs (train every training user + evaluate every test user), back to back, with
-  resident memory sampled user batch by user batch; the last epoch is the one reported, and the
-  time spent capturing CUDA graphs (`--compile`) is reported apart;
+  resident memory sampled user batch by user batch: every epoch's time, their median after the
+  first epoch (which also grows the heap and captures CUDA graphs) and the last epoch's whole
+  record; the time spent capturing CUDA graphs (`--compile`) is reported apart;
 - the same work on a subset of users through three paths, interleaved over `--rounds` rounds
   (medians reported, ratios as the median of per-round ratios, so that a slow spell of a shared
   machine does not decide the result): the reference engine (torch.func, one user at a time),
@@ -223,7 +224,7 @@ def parse_args(argv):
                         help="users for the path comparison and the step cost (default 384)")
     parser.add_argument("--users-per-step", type=positive_int, help="override configs.py's users_per_step")
     parser.add_argument("--epochs", type=positive_int, default=2,
-                        help="epochs timed back to back; the last is reported (default 2)")
+                        help="epochs timed back to back; the median after the first is reported (default 2)")
     parser.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds of the comparisons")
     parser.add_argument("--scaling", type=size_list, default=[1, 32, 256],
                         help="users_per_step values for the step cost, each at most --subset (default 1,32,256)")
@@ -281,6 +282,21 @@ def timed_epochs(trainer, cfg, n_epochs, device):
     return epochs
 
 
+def epoch_summary(epochs):
+    """Every epoch's times and the median epoch after the first (of the only one if --epochs 1):
+    [per-epoch record] -> {"seconds": [...], "train_seconds": [...], "eval_seconds": [...],
+    "median_epoch" (1-based: the lower median of an even count, so that train + eval add up),
+    "median_seconds", "min_seconds", "max_seconds", "counted_epochs": [first, last] (1-based)}."""
+    first = 1 if len(epochs) > 1 else 0
+    counted = sorted(range(first, len(epochs)), key=lambda i: epochs[i]["seconds"])
+    summary = {key: [epoch[key] for epoch in epochs] for key in ("seconds", "train_seconds", "eval_seconds")}
+    middle = counted[(len(counted) - 1) // 2]
+    summary.update(median_epoch=middle + 1, median_seconds=epochs[middle]["seconds"],
+                   min_seconds=epochs[counted[0]]["seconds"], max_seconds=epochs[counted[-1]]["seconds"],
+                   counted_epochs=[first + 1, len(epochs)])
+    return summary
+
+
 def write_results(results, path):
     print(json.dumps(results, indent=2))
     if path:
@@ -304,7 +320,8 @@ def user_scaling(args):
             subprocess.run([sys.executable, str(script), mode, *extra, "--n-users", str(n_users), "--work-dir",
                             str(work), "--json", str(out), *common], check=True, stdout=subprocess.DEVNULL)
             runs[mode] = json.loads(out.read_text())
-        epoch = runs["--epoch-only"]["epoch"]
+        summary = runs["--epoch-only"]["epochs"]
+        epoch = {key: summary[key][summary["median_epoch"] - 1] for key in ("seconds", "train_seconds", "eval_seconds")}
         sizes[n_users] = {**runs["--prepare-only"]["data"], "epoch_seconds": epoch["seconds"],
                           "train_seconds": epoch["train_seconds"], "eval_seconds": epoch["eval_seconds"],
                           "training_peak_rss_mb": runs["--epoch-only"]["peak_rss_mb"]}
@@ -366,7 +383,7 @@ def main(argv=None):
                "config": {k: cfg[k] for k in ("users_per_step", "eval_batch_users", "embedding_dim", "n_k",
                                               "batch_size", "n_inner_loop")}}
     epochs = timed_epochs(trainer, cfg, args.epochs, device)
-    results["epoch"] = epochs[-1]
+    results["epoch"], results["epochs"] = epochs[-1], epoch_summary(epochs)
     results["compile"] = {"mode": args.compile_mode, "first_epoch_seconds": epochs[0]["seconds"],
                           "capture_seconds": getattr(trainer.engine, "capture_seconds", 0.0)}
     if args.epoch_only:

@@ -21,8 +21,10 @@ def test_speed_benchmark_writes_every_measure(tmp_path):
     data = result["data"]
     assert data["n_train_users"] + data["n_test_users"] == data["n_users"] > 0
     assert data["processed_mb"] > 0 and data["prepare_seconds"] > 0
-    epoch = result["epoch"]
+    epoch, epochs = result["epoch"], result["epochs"]
     assert epoch["seconds"] == epoch["train_seconds"] + epoch["eval_seconds"]
+    assert epochs["seconds"][-1] == epoch["seconds"] and len(epochs["seconds"]) == 2
+    assert epochs["median_epoch"] == 2 and epochs["counted_epochs"] == [2, 2]
     assert epoch["minor_page_faults"] >= 0 and result["machine"]["heap_top_pad_bytes"] == (64 << 20 if ON_GLIBC else 0)
     assert result["compile"]["mode"] == "none" and result["compile"]["capture_seconds"] == 0.0
     assert result["compile"]["first_epoch_seconds"] > 0
@@ -43,6 +45,23 @@ def test_speed_benchmark_writes_every_measure(tmp_path):
     assert result["evaluated_users"] == {"reference": 4, "sequential": 4, "batched": 4}
     for difference in result["agreement"].values():  # float32: the paths agree to rounding
         assert 0 <= difference < 1e-4
+
+
+def test_epoch_summary_is_the_median_epoch_after_the_first():
+    """The first epoch (heap growth, graph capture) is left out; an even count takes the lower
+    median, an actual epoch whose train and evaluation times add up to it."""
+    def record(train, evaluation):
+        return {"seconds": train + evaluation, "train_seconds": train, "eval_seconds": evaluation}
+
+    epochs = [record(9.0, 1.0), record(2.0, 1.0), record(4.0, 1.0), record(1.0, 1.0), record(3.0, 0.5)]
+    summary = speed.epoch_summary(epochs)  # counted: 3, 5, 2, 3.5 s -> sorted 2, 3, 3.5, 5
+    assert summary["seconds"] == [10.0, 3.0, 5.0, 2.0, 3.5] and summary["eval_seconds"][-1] == 0.5
+    assert summary["median_epoch"] == 2 and summary["median_seconds"] == 3.0
+    assert (summary["min_seconds"], summary["max_seconds"], summary["counted_epochs"]) == (2.0, 5.0, [2, 5])
+    odd = speed.epoch_summary(epochs[:4])  # counted: 3, 5, 2 s
+    assert (odd["median_epoch"], odd["median_seconds"]) == (2, 3.0)
+    only = speed.epoch_summary(epochs[:1])  # one epoch: counted, though it is the first
+    assert (only["median_epoch"], only["median_seconds"], only["counted_epochs"]) == (1, 10.0, [1, 1])
 
 
 @pytest.mark.parametrize("argv, message", [
