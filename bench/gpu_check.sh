@@ -13,8 +13,9 @@
 #      cuda-graphs; the CUDA runs' metrics must agree with the CPU run's within 5e-3 (float32
 #      rounding differs between devices and grows over an epoch: 7e-4 was measured between two
 #      CPU engines that only sum in another order) and with each other within 1e-6 (same kernels);
-#   5. the test suite (last, with the time that is left; 8 workers of 2 threads where pytest-xdist
-#      is installed: TEST_WORKERS, TEST_THREADS); the CUDA-only tests also run on their own first.
+#   5. the test suite (last, with the time that is left; 8 pytest processes of 2 threads at once,
+#      bench/sharded_pytest.py: TEST_WORKERS, TEST_THREADS); the CUDA-only tests also run on their
+#      own first.
 # OUT_DIR receives at most 8 files: summary.json (every step's status and seconds),
 # speed_cuda_cuda-graphs.json, speed_cuda_none.json (speed_cpu_none.json in a dry run),
 # agreement_cpu_vs_cuda.json, agreement_graphs_vs_none.json and logs.tar.gz (every step's log and
@@ -146,14 +147,15 @@ step agree_cpu_vs_cuda 60 "$python" bench/metrics_agreement.py "$work/runs/cpu" 
 step agree_graphs_vs_none 60 "$python" bench/metrics_agreement.py "$work/runs/cuda_graphs" "$work/runs/cuda_none" \
   --tolerance 1e-6 --json "$out/agreement_graphs_vs_none.json"
 
-# The whole suite with the time that is left, in parallel workers where pytest-xdist is installed,
-# each with 2 threads, as on CI (on an H200 machine one process with 16 threads ran the first 233
-# tests in 125 s, 2.6 times as long as the 2-core CI machine; 8 workers of 16 threads were no
-# faster). A test still running after 60 s has its stack written to the log.
-test_flags=(-q -x -p no:cacheprovider --durations=10 -o faulthandler_timeout=60)
-if "$python" -c "import xdist" 2>/dev/null; then test_flags+=(-n "${TEST_WORKERS:-8}"); fi
+# The whole suite with the time that is left, as TEST_WORKERS pytest processes of TEST_THREADS
+# threads at once (bench/sharded_pytest.py: the test files dealt among them; the GPU image has no
+# pytest-xdist). On an H200 machine one process with 16 threads ran the first 233 tests in 125 s,
+# 2.6 times as long as the 2-core CI machine. A test still running after 60 s has its stack
+# written to its shard's log.
 left=$((budget - (SECONDS - started)))
 if ((left < 60)); then left=60; fi
-step tests "$left" env OMP_NUM_THREADS="${TEST_THREADS:-2}" "$python" -m pytest "${test_flags[@]}"
+step tests "$left" env OMP_NUM_THREADS="${TEST_THREADS:-2}" "$python" bench/sharded_pytest.py \
+  --shards "${TEST_WORKERS:-8}" --log-dir "$logs/test_shards" -- -q -p no:cacheprovider --durations=5 \
+  -o faulthandler_timeout=60
 
 exit "$failed"
