@@ -301,7 +301,9 @@ def paired_difference(values, baseline, lower_is_better):
     """Per-seed differences values[s] - baseline[s] over the seeds both have ({seed: float}).
 
     -> {"mean", "sd", "n", "t": mean / (sd / sqrt(n)) (None below 2 seeds; +-inf when sd is 0 and the
-    mean is not), "better": seeds on which the model is strictly better}; None without common seeds.
+    mean is not), "better": seeds on which the model is strictly better, "measurable": whether |mean|
+    exceeds the sd of the differences (the rule the docs use for "better"; None below 2 seeds)};
+    None without common seeds.
     """
     seeds = sorted(set(values) & set(baseline))
     diffs = [values[s] - baseline[s] for s in seeds]
@@ -315,7 +317,8 @@ def paired_difference(values, baseline, lower_is_better):
     else:
         t = summary["mean"] / (summary["sd"] / math.sqrt(summary["n"]))
     better = sum(d < 0 if lower_is_better else d > 0 for d in diffs)
-    return {**summary, "t": t, "better": better}
+    measurable = None if summary["n"] < 2 else abs(summary["mean"]) > summary["sd"]
+    return {**summary, "t": t, "better": better, "measurable": measurable}
 
 
 def read_cells(out):
@@ -405,7 +408,10 @@ def paired_text(stats):
     if stats is None:
         return "-"
     t = "-" if stats["t"] is None else f"{stats['t']:+.1f}"
-    return f"{stats['mean']:+.4f} ± {stats['sd']:.4f} (t {t}, {stats['better']}/{stats['n']})"
+    difference = f"{stats['mean']:+.4f} ± {stats['sd']:.4f}"
+    if stats.get("measurable"):
+        difference = f"**{difference}**"
+    return f"{difference} (t {t}, {stats['better']}/{stats['n']})"
 
 
 def markdown(study):
@@ -426,7 +432,8 @@ def markdown(study):
                 lines.append(f"| {reference} | - | " + " | ".join(
                     "-" if row[metric] is None else f"{row[metric]:.4f}" for metric in METRICS) + " |")
             lines += ["", f"### {subset}: paired differences, model minus the model it is compared with: "
-                          "mean ± sd over seeds (t = mean / (sd / √n), seeds on which the model is better / seeds)",
+                          "mean ± sd over seeds (t = mean / (sd / √n), seeds on which the model is better / seeds); "
+                          "bold: the mean exceeds the sd, a measurable difference",
                       "", "| model | against | MAE | RMSE | NDCG@3 |", "|---|---|---|---|---|"]
             for model, entry in per_model.items():
                 for label, paired in entry["paired"].items():

@@ -11,7 +11,7 @@ import pytest
 
 from bench import memory_study
 from configs import PRESETS
-from bench.memory_study import CellLock, cell_path, grid_models, model_overrides, paired_difference
+from bench.memory_study import CellLock, cell_path, grid_models, model_overrides, paired_difference, paired_text
 from tests.data_helpers import ROOT, random_ratings, write_ml1m
 
 
@@ -25,14 +25,25 @@ def test_paired_difference_by_hand():
     assert lower["t"] == pytest.approx(-2.0)  # -1/30 / (sd / sqrt(3)) = -1/30 / (1/60)
     assert lower["better"] == 2  # the tie on seed 2 is not better
     assert paired_difference(model, baseline, lower_is_better=False)["better"] == 0
+    assert lower["measurable"]  # |mean| 0.0333 > sd 0.0289
+    assert paired_text(lower) == "**-0.0333 ± 0.0289** (t -2.0, 2/3)"
+
+
+def test_a_difference_within_its_spread_is_not_measurable():
+    """Ahead on most seeds but |mean| below the sd of the differences: no measurable difference."""
+    # differences -0.02, -0.02, -0.02, +0.05: mean -0.0025, sd 0.035 (by hand: deviations -0.0175 x3, +0.0525)
+    stats = paired_difference({1: 0.88, 2: 0.88, 3: 0.88, 4: 0.95}, {1: 0.90, 2: 0.90, 3: 0.90, 4: 0.90}, True)
+    assert stats["better"] == 3 and stats["mean"] == pytest.approx(-0.0025) and stats["sd"] == pytest.approx(0.035)
+    assert stats["measurable"] is False and not paired_text(stats).startswith("**")
 
 
 def test_paired_difference_edge_cases():
     assert paired_difference({1: 1.0}, {2: 1.0}, True) is None
     one = paired_difference({1: 1.0}, {1: 0.5}, True)
     assert one["t"] is None and one["sd"] == 0.0 and one["better"] == 0
+    assert one["measurable"] is None  # one seed has no spread
     constant = paired_difference({1: 1.0, 2: 2.0}, {1: 0.5, 2: 1.5}, False)
-    assert constant["t"] == math.inf and constant["better"] == 2
+    assert constant["t"] == math.inf and constant["better"] == 2 and constant["measurable"]
 
 
 def test_memory_free_models_are_shared_unless_a_variant_changes_them():
@@ -163,7 +174,7 @@ def test_tables_and_json_without_matplotlib(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "study.json").read_text())["summary"]["fake"]["mamo"]["seeds"] == [1, 2]
     markdown = (tmp_path / "study.md").read_text()
     assert "| mamo | 2 | 0.9150 ± 0.0071 | 1.0000 ± 0.0000 | 0.5000 ± 0.0000 |" in markdown
-    assert "| mamo | no_memory | -0.1000 ± 0.0000 (t -inf, 2/2) |" in markdown
+    assert "| mamo | no_memory | **-0.1000 ± 0.0000** (t -inf, 2/2) |" in markdown  # bold: measurable
     assert "| support_mean | - | 1.1000 | 1.2000 | 0.4000 |" in markdown
     assert "| mamo | attention_spread | 0.01, 0.01 |" in markdown  # before training and after epoch 1
     assert "| no_memory | 0.250 ± 0.000 | 0.215 ± 0.007 | 3.00 ± 0.00 |" in markdown
