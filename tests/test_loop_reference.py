@@ -101,5 +101,6 @@ def test_the_frozen_mem_layer_weight_stays_at_its_initial_value():
     after = model.state_dict()
     assert torch.equal(after["theta_net.rec.layers.0.weight"], initial["theta_net.rec.layers.0.weight"])
     assert not torch.equal(after["theta_net.rec.layers.0.bias"], initial["theta_net.rec.layers.0.bias"])
+    assert model.theta_net.rec.layers[0].weight.grad is None  # no gradient handed to a weight nothing trains
     unfrozen = build(dict(cfg, freeze_mem_layer=False))
     assert len(unfrozen.meta_parameters()) == len(model.meta_parameters()) + 1

@@ -92,14 +92,15 @@ def plain_local_update(model, theta, profile, item_profiles, targets, cfg):
     for rows in support_batches(item_profiles.shape[0], cfg["batch_size"], cfg["n_inner_loop"]):
         optimizer.zero_grad()
         model.loss(net(profile, item_profiles[rows]), targets[rows]).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"])
+        if cfg["grad_clip"] is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"])
         optimizer.step()
     return net
 
 
 @pytest.mark.parametrize("engine_name,local_optimizer", [("reference", "sgd"), ("batched", "sgd"),
                                                          ("reference", "adam")])
-@pytest.mark.parametrize("grad_clip", [5.0, 0.05])
+@pytest.mark.parametrize("grad_clip", [5.0, 0.05, None])  # None: no clipping, a path of its own in each engine
 def test_local_update_matches_torch_optimizers_with_clipping(engine_name, local_optimizer, grad_clip):
     cfg = small_config(grad_clip=grad_clip, local_optimizer=local_optimizer)
     model = build(cfg)
@@ -298,9 +299,13 @@ def test_outer_products_weighted_sum_by_hand():
     assert torch.equal(products.weighted_sum(weights), expected)
 
 
-@pytest.mark.parametrize("rank, n_slots", [(1, 3), (2, 2), (3, 2), (45, 3)])
-def test_outer_product_sum_equals_a_loop_over_users_and_rows(rank, n_slots):
-    """Both contraction orders (weighted factors for small rank, per-user products for large)."""
+@pytest.mark.parametrize("rank, n_slots, per_user_products", [(1, 3, False), (2, 2, False), (3, 2, True),
+                                                             (45, 3, True)])
+def test_outer_product_sum_equals_a_loop_over_users_and_rows(rank, n_slots, per_user_products, monkeypatch):
+    """Both contraction orders, each where it costs fewer multiply-adds: per-user products (one bmm)
+    when rank * (K - 1) > K, else the weighted factors (no bmm)."""
+    bmm_calls = []
+    monkeypatch.setattr(torch, "bmm", lambda *args: bmm_calls.append(1) or torch.matmul(*args))
     gen = torch.Generator().manual_seed(rank)
     deltas = torch.randn(4, rank, 3, generator=gen, dtype=torch.float64)
     rows = torch.randn(4, rank, 5, generator=gen, dtype=torch.float64)
@@ -311,6 +316,7 @@ def test_outer_product_sum_equals_a_loop_over_users_and_rows(rank, n_slots):
             for k in range(n_slots):
                 expected[k] += weights[b, k] * torch.outer(deltas[b, r], rows[b, r])
     assert torch.allclose(outer_product_sum(weights, deltas, rows), expected, atol=1e-12)
+    assert len(bmm_calls) == per_user_products
 
 
 LAYER_FORMS = ["low_rank", "fixed_input", "fixed_input_mixture", "dense"]
