@@ -62,6 +62,15 @@ def test_ties_keep_file_order(tmp_path):
     assert tasks[1]["support"]["ratings"] == [2, 4] and tasks[1]["query"]["ratings"] == [3]
 
 
+def test_many_ties_keep_file_order(tmp_path):
+    """25 ratings at three timestamps, in file order k = 0..24 (item k + 1 at t = 100 + k % 3): the
+    first 20 in (timestamp, line) order, as a stable sort gives them and an unstable one need not."""
+    ratings = [(1, k + 1, 3, 100 + k % 3) for k in range(25)]
+    _, tasks = run(tmp_path, ratings)
+    assert tasks[1]["support"]["item_ids"] == [1, 4, 7, 10, 13, 16, 19, 22, 25, 2, 5, 8, 11, 14, 17]
+    assert tasks[1]["query"]["item_ids"] == [20, 23, 3, 6, 9]
+
+
 def test_query_is_later_than_support(tmp_path):
     ratings = [(1, 10 + k, 3, 1000 - 10 * k) for k in range(6)]
     _, tasks = run(tmp_path, ratings, support_size=3, query_size=2)
@@ -159,6 +168,12 @@ def test_user_split_is_seeded_permutation_of_sorted_ids():
     assert train == sorted(expected[:10].tolist()) and test == sorted(expected[10:].tolist())
     assert split_users(ids, 0.8, 100) == (train, test)
     assert split_users(ids, 0.8, 101) != (train, test)
+    assert split_users(ids[::-1], 0.8, 100) == (train, test)  # the ids' order in the file does not matter
+
+
+def test_user_split_rounds_half_up():
+    train, test = split_users(np.arange(1, 6), 0.5, 100)  # 0.5 * 5 = 2.5 -> 3 (Python's round gives 2)
+    assert (len(train), len(test)) == (3, 2)
 
 
 def test_split_saved_in_manifest_covers_all_users(tmp_path):

@@ -142,7 +142,11 @@ def point_at_data(run_dir, data_dir):
 
 
 @pytest.mark.slow  # uses the finished run
-def test_resume_refuses_changed_data(run_copy, synthetic_dir, tmp_path, capsys):
+@pytest.mark.parametrize("checkpoints, message", [
+    (True, "differs from the run's data"),  # each checkpoint's own check
+    (False, "differs from the data of run"),  # stopped before its first checkpoint: config.json's check
+])
+def test_resume_refuses_changed_data(checkpoints, message, run_copy, synthetic_dir, tmp_path, capsys):
     changed = tmp_path / "changed"
     shutil.copytree(synthetic_dir, changed)
     task_file = sorted((changed / "tasks").glob("*.pkl"))[0]
@@ -150,8 +154,11 @@ def test_resume_refuses_changed_data(run_copy, synthetic_dir, tmp_path, capsys):
     task["support"]["ratings"][0] = 1 + task["support"]["ratings"][0] % 5
     task_file.write_bytes(pickle.dumps(task, protocol=4))
     point_at_data(run_copy, changed)
+    if not checkpoints:
+        for path in run_copy.rglob("checkpoint.pt"):
+            path.unlink()
     before = snapshot(run_copy)
-    refused(["--resume", str(run_copy)], capsys, "differs from the run's data")
+    refused(["--resume", str(run_copy)], capsys, message)
     assert snapshot(run_copy) == before
 
 

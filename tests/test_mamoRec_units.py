@@ -180,6 +180,17 @@ def test_one_line_joins_multi_line_messages():
     assert mamoRec.one_line(ValueError("missing files:\n  a <- url\n\n  b <- url")) == "missing files:; a <- url; b <- url"
 
 
+def test_the_table_scores_the_point_predictions_and_ranks_by_the_ranking_scores():
+    """MAE / RMSE from `prediction`, NDCG@3 from `ranking_score`: here the point predictions rank the
+    two items the wrong way round and the ranking scores the right way."""
+    record = mamoRec.QueryPredictions(
+        user_ids=np.array([[7, 7]]), item_ids=np.array([[13, 14]]), scenarios=np.array([[0, 0]]),
+        ratings=np.array([[5, 1]]), prediction=np.array([[2.0, 4.0]]), ranking_score=np.array([[4.0, 2.0]]))
+    row = record.table()["all"]
+    assert row["ndcg@3"] == 1.0  # ranked by the point predictions: (1 + 31 / log2 3) / (31 + 1 / log2 3) = 0.65
+    assert row["mae"] == 3.0 and row["rmse"] == 3.0  # errors 3 and 3
+
+
 def test_predictions_csv_writes_each_column_from_its_own_field(tmp_path):
     record = mamoRec.QueryPredictions(
         user_ids=np.array([[7, 7]]), item_ids=np.array([[13, 14]]), scenarios=np.array([[3, 0]]),

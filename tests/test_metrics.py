@@ -232,6 +232,14 @@ def test_single_item_user_counts_in_mae_not_in_ndcg(table):
     assert (row["n_ratings"], row["n_users"], row["n_ndcg_users"]) == (1, 1, 0)
 
 
+def test_a_user_whose_ideal_dcg_is_zero_is_left_out_of_ndcg_not_counted_as_zero():
+    """User 1's ratings are all 0 (no ranking is better than another): MAE counts them, NDCG@3 leaves
+    the user out instead of averaging in a 0."""
+    row = evaluation_table([1, 1, 2, 2], [0, 0, 0, 0], [0, 0, 5, 1], [1, 1, 5, 1], [1.0, 2.0, 2.0, 1.0])["all"]
+    assert row["ndcg@3"] == 1.0 and row["n_ndcg_users"] == 1 and row["n_users"] == 2
+    assert row["mae"] == pytest.approx(0.5)  # errors 1, 1, 0, 0
+
+
 def test_absent_scenario_is_none(table):
     assert table["new_user_existing_item"] == {
         "mae": None, "rmse": None, "ndcg@3": None, "n_ratings": 0, "n_users": 0, "n_ndcg_users": 0,

@@ -125,6 +125,21 @@ def test_atomic_write_failure_during_replace_removes_temp(tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == ["out.txt"]
 
 
+def test_atomic_write_syncs_a_hidden_temporary_file_beside_the_target_then_renames_it(tmp_path, monkeypatch):
+    """The temporary file sits in the target's folder (a rename across file systems fails) and is on
+    disk (fsync) before the rename makes it the target."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(utils.os, "fsync", lambda fd: calls.append(("fsync",)) or real_fsync(fd))
+    monkeypatch.setattr(utils.os, "replace", lambda src, dst: calls.append(("replace", src, dst)) or real_replace(src, dst))
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "new")
+    assert [call[0] for call in calls] == ["fsync", "replace"]
+    source = Path(calls[1][1])
+    assert source.parent == tmp_path and source.name.startswith(".out.txt.") and Path(calls[1][2]) == target
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["out.txt"]
+
+
 def test_atomic_write_missing_directory_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         atomic_write_text(tmp_path / "missing" / "out.txt", "x")
