@@ -54,6 +54,32 @@ def test_bad_ratings_line_names_file_line_and_expectation(tmp_path, what, line, 
     assert leftovers(tmp_path) == []
 
 
+BAD_SIDE_LINES = [  # (format, file, edit: its lines -> (line number, new text), line named, message after it)
+    ("movielens", "users.dat", lambda lines: (2, "2::X::25::2::12345"), 2,
+     "field gender = 'X', expected one of ['F', 'M']"),
+    ("movielens", "users.dat", lambda lines: (2, "2::F::26::2::12345"), 2,
+     "field age = '26', expected one of ['1', '18', '25', '35', '45', '50', '56']"),
+    ("movielens", "users.dat", lambda lines: (2, "2::F::25::21::12345"), 2,
+     "field occupation = '21', expected an integer in [0, 20]"),
+    ("movielens", "users.dat", lambda lines: (2, "1::M::25::1::12345"), 2, "user 1 appears twice, expected unique ids"),
+    ("movielens-100k", "u.item", lambda lines: (1, lines[0][:-1] + "2"), 1,  # item 10's last genre flag
+     "field flag_Western = '2', expected an integer in [0, 1]"),
+    ("movielens-100k", "u.item", lambda lines: (1, lines[1]), 2,  # item 11's line also in place of item 10's
+     "item 11 appears twice, expected unique ids"),
+]
+
+
+@pytest.mark.parametrize("dataset, name, edit, line, expectation", BAD_SIDE_LINES,
+                         ids=[case[-1].split(",")[0] for case in BAD_SIDE_LINES])
+def test_bad_user_or_item_line_names_file_line_and_expectation(tmp_path, dataset, name, edit, line, expectation):
+    raw = (write_ml1m if dataset == "movielens" else write_ml100k)(tmp_path / "raw", GOOD_RATINGS)
+    replace_line(raw / name, *edit((raw / name).read_text().splitlines()))
+    with pytest.raises(DataError) as error:
+        prepare(dataset, raw, tmp_path / "out", log=lambda message: None, **TINY)
+    assert str(error.value) == f"{raw / name}: line {line}: {expectation}"
+    assert leftovers(tmp_path) == []
+
+
 DUPLICATE_CASES = [("same timestamp", 1001), ("other timestamp", 5)]
 
 
