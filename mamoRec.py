@@ -72,8 +72,12 @@ class Interrupted(KeyboardInterrupt):
 
 
 def one_line(error):
-    """An exception's message on one line (multi-line messages joined with '; ')."""
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    """An exception's message on one line: multi-line messages joined with '; ', or with a space
+    after a line that ends with ':' (it introduces what follows)."""
+    text = ""
+    for line in (line.strip() for line in str(error).splitlines() if line.strip()):
+        text += line if not text else (" " if text.endswith(":") else "; ") + line
+    return text
 
 
 def utc_iso(moment):
@@ -822,7 +826,7 @@ def resumed_config(args):
         refused.append(f"--run-dir {flags['run_dir']} (resuming {args.resume})")
     if refused:
         raise RunError(f"--resume {args.resume} keeps the run's settings; refused: {'; '.join(refused)}. "
-                       "Only --epochs (to extend the run), --device, --compile and --download may change")
+                       "Only --epochs (to extend the run), --device, --compile, --download and --quiet may change")
     if flags.get("n_epoch", cfg["n_epoch"]) < cfg["n_epoch"]:
         raise RunError(f"--epochs {flags['n_epoch']} would shorten run {args.resume} (n_epoch {cfg['n_epoch']}); "
                        "resume can only extend it")

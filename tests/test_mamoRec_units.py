@@ -177,7 +177,8 @@ def test_epochs_csv_rows_carry_each_methods_own_loss_and_diagnostics(tmp_path):
 
 
 def test_one_line_joins_multi_line_messages():
-    assert mamoRec.one_line(ValueError("missing files:\n  a <- url\n\n  b <- url")) == "missing files:; a <- url; b <- url"
+    assert mamoRec.one_line(ValueError("missing files:\n  a <- url\n\n  b <- url")) == "missing files: a <- url; b <- url"
+    assert mamoRec.one_line(ValueError("first\nsecond")) == "first; second"
 
 
 def test_the_table_scores_the_point_predictions_and_ranks_by_the_ranking_scores():
