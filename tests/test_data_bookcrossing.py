@@ -102,6 +102,26 @@ def test_user_rule_id_order_item_rule_and_scenarios(prepared):
                                            "new_user_existing_item": 2, "new_user_new_item": 1}
 
 
+def test_existing_user_ratio_rounds_half_up(tmp_path):
+    _, tasks, _ = run(tmp_path, bx_existing_user_ratio=0.5)
+    assert [tasks[u]["user_is_new"] for u in (1, 2, 3)] == [False, False, True]  # 0.5 * 3 = 1.5 -> 2 existing
+
+
+@pytest.mark.parametrize("setting, vocabulary, expected", [
+    ("bx_min_country_users", ("user", "country"), ["other", "unknown"]),  # usa has 3 users, fewer than 4
+    ("bx_min_author_books", ("item", "author"), ["other"]),  # ann lee and cy zed: 2 books each, fewer than 3
+    ("bx_min_publisher_books", ("item", "publisher"), ["other"]),  # penguin, tiny & co: 2 books each
+])
+def test_each_pooling_threshold_acts_on_its_own_field(tmp_path, setting, vocabulary, expected):
+    """Raising one threshold pools only its own field; the others keep TINY's vocabularies."""
+    run(tmp_path, **{setting: 4 if setting == "bx_min_country_users" else 3})
+    vocabularies = json.loads((tmp_path / "out" / "vocabularies.json").read_text())
+    tiny = {("user", "country"): ["other", "unknown", "usa"], ("item", "author"): ["ann lee", "cy zed", "other"],
+            ("item", "publisher"): ["other", "penguin", "tiny & co"]}
+    for part, name in tiny:
+        assert vocabularies[part][name] == (expected if (part, name) == vocabulary else tiny[part, name])
+
+
 def test_random_user_rule_uses_its_own_seeded_stream(tmp_path):
     manifest, tasks, _ = run(tmp_path, bx_user_rule="random", seed=5)
     new = np.random.default_rng([5, 1]).permutation([1, 2, 3])[2:].tolist()

@@ -55,6 +55,15 @@ def test_diagnostics_by_hand():
     assert got.bias_term_ratio == pytest.approx(expected)
 
 
+def test_two_users_reading_alike_separate_users_from_slots():
+    """Both users read (SIGMA, 1 - SIGMA): the largest weight per user and the spread over users
+    (0: every user reads the same) differ from the per-slot values the symmetric case cannot tell apart."""
+    got = memory_diagnostics(set_model(), torch.eye(16)[[0, 0]])
+    assert got.attention_max_mean == pytest.approx(SIGMA)  # per user, then the mean (the other way round: 0.5)
+    assert got.attention_spread == pytest.approx(0.0)  # sd over users of each slot's weight
+    assert got.slot_usage == pytest.approx([SIGMA, 1 - SIGMA])
+
+
 def test_attention_temperature_enters_the_diagnostics():
     got = memory_diagnostics(set_model(attention_temperature=0.5), torch.eye(16)[:2])
     sharper = math.exp(2) / (1 + math.exp(2))  # softmax([1, 0] / 0.5)[0]

@@ -79,6 +79,24 @@ def test_every_epoch_visits_every_training_user_in_a_new_order(tmp_path, monkeyp
     assert len(visited) == 8 and sorted(first) == sorted(second) == list(range(1, 11))
     assert first != second
     assert model_trainer.user_order(1).tolist() == trainer(tmp_path).user_order(1).tolist()  # from (seed, epoch)
+    assert trainer(tmp_path, seed=1).user_order(1).tolist() == np.random.default_rng([1, 1]).permutation(10).tolist()
+    assert trainer(tmp_path, seed=2).user_order(1).tolist() != trainer(tmp_path, seed=1).user_order(1).tolist()
+
+
+def test_the_epoch_loss_is_the_mean_over_users_not_over_steps(tmp_path, monkeypatch):
+    """Steps of 3, 3, 3 and 1 users, each user's loss its id: the mean over users is 5.5 in any order."""
+    monkeypatch.setattr(mamoRec, "meta_train_step", lambda model, engine, batch, optimizer: batch.user_ids.double())
+    assert trainer(tmp_path, users_per_step=3).train_epoch(1) == 5.5
+
+
+@pytest.mark.parametrize("eval_batch_users", [1, 3])
+def test_evaluation_in_batches_scores_every_test_user_once_in_order(tmp_path, eval_batch_users):
+    """4 test users in batches of 3 + 1 (or 1 each) give the predictions of one batch of all four."""
+    whole = trainer(tmp_path / "whole", eval_batch_users=32).predict_test()
+    batched = trainer(tmp_path / "batched", eval_batch_users=eval_batch_users).predict_test()
+    assert batched.user_ids[:, 0].tolist() == whole.user_ids[:, 0].tolist() == [50, 51, 52, 53]
+    assert np.allclose(batched.prediction, whole.prediction, atol=1e-6)
+    assert np.allclose(batched.ranking_score, whole.ranking_score, atol=1e-6)
 
 
 @pytest.mark.parametrize("head", ["classification", "regression"])
