@@ -15,6 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.speed import Parser, positive_int  # noqa: E402
+
 #: Lines of a shard's output printed when it ends.
 TAIL_LINES = 6
 
@@ -25,14 +29,8 @@ def deal(files, n_shards):
     return [shard for shard in (files[k::n_shards] for k in range(n_shards)) if shard]
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="sharded_pytest.py", description=__doc__.splitlines()[0])
+    parser = Parser(prog="sharded_pytest.py", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=positive_int, default=8, help="pytest processes at once (default 8)")
     parser.add_argument("--tests", type=Path, default=Path("tests"), help="folder of test_*.py files (default tests)")
     parser.add_argument("--log-dir", type=Path, help="where the shards' logs go (default: a temporary folder)")
